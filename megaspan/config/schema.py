@@ -1,0 +1,219 @@
+"""Typed configuration schema for megaspan.
+
+Every run is described by one :class:`MegaspanConfig`. YAML recipes (``megaspan/config/recipes``)
+and dotted CLI overrides (``model.num_layers=48``) are loaded into it by
+:mod:`megaspan.config.loader`, which rejects unknown keys and wrong types. The single mapping
+to Megatron-Core's ``TransformerConfig`` lives in :mod:`megaspan.config.to_mcore`.
+
+Field docstrings sit on the line after the field (torchtitan style) and are shown by
+``megaspan config --explain``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass(kw_only=True)
+class NormOptions:
+    """Switches of the placements whose exact equations are uncertain or tunable."""
+
+    span_include_attn_term: bool = False
+    """SpanNorm: add the attention output A(x~) inside the block's final norm N2."""
+    span_include_y_term: bool = False
+    """SpanNorm: add y = N1(x + A) inside N2 (makes SpanNorm equal to B2T's sum)."""
+    span_residual_alpha: float = 1.0
+    """SpanNorm: multiplier on the block input x inside both norms."""
+    span_branch_init: Literal["megatron", "b2t"] = "megatron"
+    """SpanNorm branch init: 'megatron' = sigma/sqrt(2L) on output projections; 'b2t' = L^-1/2 on all block weights."""
+    mixln_alpha: float = 0.25
+    """Mix-LN: the first floor(alpha*L) blocks are Post-LN, the rest Pre-LN."""
+    deepnorm_alpha: Optional[float] = None
+    """DeepNorm residual multiplier; None = (2L)^(1/4) (decoder-only rule)."""
+    deepnorm_beta: Optional[float] = None
+    """DeepNorm init gain on v/proj/fc1/fc2; None = (8L)^(-1/4)."""
+    final_norm: Optional[bool] = None
+    """Final norm before the LM head; None = the placement's default."""
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    num_experts: Optional[int] = None
+    """Number of experts; None = dense model."""
+    router_topk: int = 2
+    ffn_hidden_size: Optional[int] = None
+    """Per-expert FFN size; None = model.ffn_hidden_size."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: Optional[float] = None
+    layer_freq: int = 1
+    """Every layer_freq-th layer is MoE (1 = all layers)."""
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    grouped_gemm: bool = False
+    """Grouped GEMM experts (GPU/TE only)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    num_layers: int = 8
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    """GQA groups; None = num_attention_heads (MHA)."""
+    ffn_hidden_size: Optional[int] = None
+    """None = 4*hidden (gelu) or the 8/3*hidden rounded to 64 (swiglu)."""
+    vocab_size: Optional[int] = None
+    """None = the tokenizer's vocabulary."""
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None
+    """None = seq_length."""
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
+    rotary_base: int = 10000
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: Literal["gelu", "swiglu"] = "swiglu"
+    norm_placement: str = "spannorm"
+    """One of: megaspan info lists them (pre, post, spannorm, b2t, hybridnorm, ...)."""
+    norm: NormOptions = field(default_factory=NormOptions)
+    init_method_std: Optional[float] = None
+    """None = the placement's default (0.02; HybridNorm uses 1/sqrt(2.5*hidden))."""
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    add_bias_linear: bool = False
+    share_embeddings_and_output_weights: bool = True
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """'auto' = TE when it imports and CUDA is present, else the local (CPU-capable) backend."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """'auto' = bf16 on GPU, fp32 on CPU."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    first_last_layers_bf16: bool = False
+    initial_loss_scale: float = 65536.0
+    """fp16 only: dynamic loss scaling starts here."""
+    loss_scale: Optional[float] = None
+    """fp16 only: a fixed loss scale instead of dynamic scaling."""
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Indexed-dataset prefixes (path/to/name without .bin/.idx); empty = embedded stdlib corpus."""
+    weights: Optional[list[float]] = None
+    """Blend weights, one per path; None = proportional to size."""
+    split: str = "98,2,0"
+    """train,valid,test split of each dataset (Megatron format)."""
+    corpus: Literal["stdlib"] = "stdlib"
+    """The embedded corpus used when no paths are given."""
+    cache_dir: Optional[str] = None
+    """Where preprocessed data and dataset index caches go; None = ~/.cache/megaspan."""
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    num_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    model: Optional[str] = None
+    """Path to an existing sentencepiece .model; None = train one on the corpus (cached by hash)."""
+    vocab_size: int = 4096
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    max_train_sentences: int = 200000
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adam"] = "adam"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    warmup_steps: int = 20
+    decay_style: Literal["cosine", "linear", "constant", "WSD"] = "cosine"
+    decay_steps: Optional[int] = None
+    """None = training.steps."""
+    wsd_decay_steps: Optional[int] = None
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    steps: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_steps: int = 8
+    run_dir: str = "runs/default"
+    exit_on_signal: bool = True
+    """Save a checkpoint and exit 0 on SIGTERM/SIGUSR1 (what Slurm sends before preemption)."""
+    deterministic: bool = True
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_interval: Optional[int] = None
+    """Save every N steps; None = only at the end and on signals."""
+    dir: Optional[str] = None
+    """None = <run_dir>/checkpoints."""
+    resume: str = "auto"
+    """'auto' = the latest valid checkpoint in dir if any; 'none'; or a checkpoint path."""
+    keep_last: Optional[int] = 3
+    """Delete older checkpoints beyond this many; None keeps all."""
+    save_at_end: bool = True
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    diagnostics_interval: Optional[int] = None
+    """Per-layer stability diagnostics every N steps; None = off."""
+
+
+@dataclass(kw_only=True)
+class MegaspanConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

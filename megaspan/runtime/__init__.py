@@ -1,0 +1,23 @@
+"""Runtime: process groups, device selection and the CPU compatibility layer."""
+
+from megaspan.runtime.cpu_compat import apply as apply_cpu_compat
+from megaspan.runtime.distributed import (
+    DistEnv,
+    destroy,
+    device,
+    env_from_launcher,
+    free_port,
+    init_process_group,
+    initialize_model_parallel,
+)
+
+__all__ = [
+    "DistEnv",
+    "apply_cpu_compat",
+    "destroy",
+    "device",
+    "env_from_launcher",
+    "free_port",
+    "init_process_group",
+    "initialize_model_parallel",
+]

@@ -1,0 +1,180 @@
+"""Layer and block specs for every placement, for the local and the Transformer Engine backend.
+
+One spec per *global* layer (placements such as Mix-LN, LNS, HybridNorm* and SpanNorm differ by
+layer number), sliced to the layers of this pipeline stage exactly as Megatron's
+``get_gpt_decoder_block_spec`` does. Always returns ``TransformerBlockSubmodules`` so the final
+norm is explicit (``layer_norm=None`` means none).
+
+Backends:
+* ``local``: Megatron-Core modules only (runs on CPU); norms are :class:`SPNorm`.
+* ``transformer_engine``: TE linears/attention/norms. Where a layer has a plain pre-norm it keeps
+  TE's fused norm+linear (``TELayerNormColumnParallelLinear``); unfused only where the placement
+  needs the norm output elsewhere (HybridNorm's MLP residual) or scales it (LNS).
+  The local spec maps the would-be-fused norms to TE's key names, so checkpoints are
+  interchangeable between the two backends.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megaspan.norms.base import LayerPlan, Placement
+from megaspan.norms.layer import (
+    NormPlacementSubmodules,
+    NormPlacementTransformerLayer,
+    QKVNormSelfAttention,
+    QKVNormSelfAttentionSubmodules,
+)
+from megaspan.norms.modules import HeadNorm, SPNorm
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def te_available() -> bool:
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def resolve_impl(requested: str) -> str:
+    """'auto' -> TE when it imports and CUDA is present, else local."""
+    import torch
+
+    if requested == "auto":
+        return "transformer_engine" if te_available() and torch.cuda.is_available() else "local"
+    if requested == "transformer_engine" and not te_available():
+        raise BackendError(
+            "model.transformer_impl=transformer_engine but Transformer Engine is not installed: "
+            "use the NGC-based image (docker/) or set model.transformer_impl=local"
+        )
+    return requested
+
+
+class _Backend:
+    """The provider plus the norm builders megaspan uses with it."""
+
+    def __init__(self, impl: str, rms: bool):
+        self.impl = impl
+        if impl == "transformer_engine":
+            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+            self.provider: BackendSpecProvider = TESpecProvider()
+            self.norm = self.provider.layer_norm(rms_norm=rms, for_qk=False)
+            self.qk_norm = self.provider.layer_norm(rms_norm=rms, for_qk=True)
+        else:
+            self.provider = LocalSpecProvider()
+            self.norm = SPNorm
+            self.qk_norm = SPNorm
+        self.fuses = self.provider.fuse_layernorm_and_linear()
+
+
+def _attention_spec(backend: _Backend, plan: LayerPlan, fuse_norm: bool) -> ModuleSpec:
+    p = backend.provider
+    linear_qkv = p.column_parallel_layer_norm_linear() if fuse_norm else p.column_parallel_linear()
+    common = dict(linear_qkv=linear_qkv, core_attention=p.core_attention(), linear_proj=p.row_parallel_linear())
+    if plan.qkv_norm:
+        return ModuleSpec(
+            module=QKVNormSelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=QKVNormSelfAttentionSubmodules(
+                **common, q_layernorm=backend.qk_norm, k_layernorm=backend.qk_norm, v_layernorm=HeadNorm
+            ),
+        )
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(**common),
+    )
+
+
+def _mlp_spec(backend: _Backend, is_moe: bool, num_experts, grouped_gemm: bool, fuse_norm: bool):
+    p = backend.provider
+    if is_moe:
+        return get_moe_module_spec_for_backend(p, num_experts=num_experts, moe_grouped_gemm=grouped_gemm)
+    linear_fc1 = p.column_parallel_layer_norm_linear() if fuse_norm else p.column_parallel_linear()
+    return partial(
+        MLP.as_mlp_submodule,
+        submodules=MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=p.row_parallel_linear()),
+    )
+
+
+def layer_spec(config, placement: Placement, layer_number: int, backend: _Backend, is_moe: bool) -> ModuleSpec:
+    """The spec of global layer ``layer_number`` (1-based)."""
+    plan = placement.plan(layer_number)
+    # TE can fuse a pre-norm into the following linear only if nothing else needs the norm's
+    # output and it is not rescaled; the local backend records the same decision in its key map.
+    can_fuse = plan.norm_scale == 1.0
+    fuse_input = plan.input_norm and can_fuse
+    fuse_pre_mlp = plan.pre_mlp_norm and can_fuse and not plan.mlp_residual_normed and not is_moe
+    norm = backend.norm
+    keys_map = {}
+    if backend.fuses:
+        input_norm = IdentityOp if fuse_input else (norm if plan.input_norm else IdentityOp)
+        pre_mlp_norm = IdentityOp if fuse_pre_mlp else (norm if plan.pre_mlp_norm else IdentityOp)
+    else:
+        input_norm = norm if plan.input_norm else IdentityOp
+        pre_mlp_norm = norm if plan.pre_mlp_norm else IdentityOp
+        if fuse_input:
+            keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+        if fuse_pre_mlp:
+            keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    submodules = NormPlacementSubmodules(
+        input_layernorm=input_norm,
+        self_attention=_attention_spec(backend, plan, fuse_input and backend.fuses),
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=pre_mlp_norm,
+        mlp=_mlp_spec(
+            backend, is_moe, config.num_moe_experts, config.moe_grouped_gemm, fuse_pre_mlp and backend.fuses
+        ),
+        mlp_bda=get_bias_dropout_add,
+        post_attn_norm=norm if plan.post_attn_norm else IdentityOp,
+        post_mlp_norm=norm if plan.post_mlp_norm else IdentityOp,
+        attn_out_norm=norm if plan.attn_out_norm else IdentityOp,
+        mlp_out_norm=norm if plan.mlp_out_norm else IdentityOp,
+        sharded_state_dict_keys_map=keys_map,
+    )
+    return ModuleSpec(
+        module=NormPlacementTransformerLayer,
+        submodules=submodules,
+        params={"placement": placement, "plan": plan},
+    )
+
+
+def _moe_pattern(config) -> list[bool]:
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    return [bool(x) for x in freq]
+
+
+def block_spec(
+    config, placement: Placement, impl: str, vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
+    """Specs of the layers this (virtual) pipeline stage builds, plus the final norm."""
+    backend = _Backend(impl, rms=config.normalization == "RMSNorm")
+    moe = _moe_pattern(config)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    specs = [
+        layer_spec(config, placement, layer_number, backend, moe[layer_number - 1])
+        for layer_number in range(offset + 1, offset + count + 1)
+    ]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.norm if placement.final_norm else None)

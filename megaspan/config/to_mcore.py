@@ -1,0 +1,106 @@
+"""The one mapping from megaspan's config to Megatron-Core's ``TransformerConfig``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megaspan.config.schema import MegaspanConfig
+
+
+def resolve_dtype(precision, cuda: bool | None = None) -> torch.dtype:
+    """'auto' is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and gain nothing)."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    name = precision.dtype
+    if name == "auto":
+        name = "bf16" if cuda else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def ffn_hidden_size(model) -> int:
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if model.activation == "swiglu":
+        # LLaMA convention: 8/3 h keeps SwiGLU's parameter count at the 4h GeLU MLP's.
+        return 64 * ((8 * model.hidden_size // 3 + 63) // 64)
+    return 4 * model.hidden_size
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron pads the embedding so every TP shard is equal and GEMM-friendly."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None):
+    """Build the ``TransformerConfig`` for ``cfg`` with ``placement`` (a built Placement)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.utils import init_method_normal
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    m, par, prec = cfg.model, cfg.parallel, cfg.precision
+    dtype = resolve_dtype(prec, cuda)
+    std = placement.init_std(m.hidden_size, m.init_method_std)
+    moe = m.moe
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=ffn_hidden_size(m),
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        normalization=m.normalization,
+        layernorm_epsilon=m.layernorm_epsilon,
+        add_bias_linear=m.add_bias_linear,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        bias_activation_fusion=False,
+        init_method_std=std,
+        qk_layernorm=placement.qkv_norm,
+        # Parallelism.
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=par.num_layers_in_last_pipeline_stage,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method=par.recompute_method,
+        recompute_num_layers=par.recompute_num_layers,
+        # Precision.
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        fp8=prec.fp8,
+        fp8_recipe=prec.fp8_recipe,
+        first_last_layers_bf16=prec.first_last_layers_bf16,
+        # CPU runs: no fused CUDA kernels; initialize on CPU so TP/EP shards equal the
+        # single-device weights bit-for-bit (used by the layout-equivalence tests).
+        use_cpu_initialization=not cuda,
+        apply_rope_fusion=cuda,
+        masked_softmax_fusion=cuda,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # MoE.
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=(moe.ffn_hidden_size or ffn_hidden_size(m)) if moe.num_experts else None,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_layer_freq=moe.layer_freq,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_grouped_gemm=moe.grouped_gemm,
+    )
+    if not placement.scaled_init:
+        # TransformerConfig defaults output projections to sigma/sqrt(2L); these placements
+        # define their own depth scaling (or none) and must not stack Megatron's on top.
+        kwargs["output_layer_init_method"] = init_method_normal(std)
+    return TransformerConfig(**kwargs)

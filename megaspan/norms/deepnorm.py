@@ -1,0 +1,43 @@
+"""DeepNorm (Wang et al. 2022, DeepNet), decoder-only constants from microsoft/torchscale.
+
+    y  = N1(alpha * x + A(x))
+    x' = N2(alpha * y + F(y))          alpha = (2L)^{1/4}
+
+Init: v, out-proj, fc1, fc2 weights x beta = (8L)^{-1/4}; q and k untouched. Only the V rows
+of Megatron's fused, per-group interleaved QKV weight are scaled. No Megatron output scaling
+(torchscale has none) and no final norm.
+"""
+
+from megaspan.norms.base import LayerPlan, Placement, scale_value_rows, scale_weights
+
+
+class DeepNorm(Placement):
+    name = "deepnorm"
+    description = "DeepNorm: N(alpha x + A(x)), alpha=(2L)^1/4; v/proj/fc1/fc2 x beta=(8L)^-1/4"
+    default_final_norm = False
+    scaled_init = False
+
+    @property
+    def alpha(self) -> float:
+        if self.options.deepnorm_alpha is not None:
+            return self.options.deepnorm_alpha
+        return (2.0 * self.num_layers) ** 0.25
+
+    @property
+    def beta(self) -> float:
+        if self.options.deepnorm_beta is not None:
+            return self.options.deepnorm_beta
+        return (8.0 * self.num_layers) ** -0.25
+
+    def plan(self, layer_number: int) -> LayerPlan:
+        return LayerPlan(post_attn_norm=True, post_mlp_norm=True)
+
+    def attn_residual(self, layer, bda, out_with_bias, residual, p):
+        return layer.post_attn_norm(bda(out_with_bias, self.alpha * residual, p))
+
+    def mlp_residual(self, layer, bda, out_with_bias, residual, p):
+        return layer.post_mlp_norm(bda(out_with_bias, self.alpha * residual, p))
+
+    def init_weights(self, layer) -> None:
+        scale_value_rows(layer, self.beta)
+        scale_weights(layer, ("proj", "fc1", "fc2"), self.beta)

@@ -1,0 +1,123 @@
+"""Init rules per placement, checked on the built model against rules written here from the doc."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from megaspan.models import apply_init_rules, build_model
+from tests.unit.test_placements import L, make_cfg
+
+HEADS, GROUPS, HIDDEN = 4, 2, 64
+HN = HIDDEN // HEADS
+
+
+def snapshot(chunks):
+    return {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+
+
+def build_pair(placement, moe=False, extra=()):
+    """(weights before the placement's init rule, weights after), same Megatron init."""
+    built = build_model(make_cfg(placement, moe, extra=extra), vocab_size=64, init_rules=False)
+    before = snapshot(built.chunks)
+    apply_init_rules(built.chunks, built.placement)
+    return before, snapshot(built.chunks)
+
+
+# Written independently of megaspan.norms.base's patterns: Megatron's parameter names.
+BLOCK_WEIGHT = re.compile(
+    r"decoder\.layers\.\d+\.(self_attention\.linear_(qkv|proj)\.weight|mlp\.(.*\.)?linear_fc[12]\.weight)$"
+)
+
+
+def ratios(before, after):
+    out = {}
+    for name, b in before.items():
+        a = after[name]
+        mask = b.abs() > 1e-12
+        out[name] = (a[mask] / b[mask]) if mask.any() else torch.ones(1)
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_b2t_scales_every_block_weight(mcore, moe):
+    before, after = build_pair("b2t", moe)
+    scaled = 0
+    for name, r in ratios(before, after).items():
+        expected = L**-0.5 if BLOCK_WEIGHT.search(name) else 1.0
+        scaled += expected != 1.0
+        torch.testing.assert_close(r, torch.full_like(r, expected), msg=name)
+    # qkv, proj, fc1, fc2 per layer; MoE: 4 experts x (fc1, fc2) instead of one MLP.
+    assert scaled == L * (2 + (8 if moe else 2))
+
+
+def test_spannorm_b2t_branch_init(mcore):
+    before, after = build_pair("spannorm", extra=("model.norm.span_branch_init=b2t",))
+    for name, r in ratios(before, after).items():
+        expected = L**-0.5 if BLOCK_WEIGHT.search(name) else 1.0
+        torch.testing.assert_close(r, torch.full_like(r, expected), msg=name)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_deepnorm_beta_hits_exactly_v_rows(mcore, moe):
+    before, after = build_pair("deepnorm", moe)
+    beta = (8 * L) ** -0.25
+    per_group = (HEADS // GROUPS + 2) * HN
+    for name, b in before.items():
+        a = after[name]
+        if name.endswith("linear_qkv.weight"):
+            rows = torch.arange(b.shape[0])
+            is_v = (rows % per_group) >= per_group - HN  # [q q | k | v] per query group
+            torch.testing.assert_close(a[is_v], b[is_v] * beta, msg=name)
+            torch.testing.assert_close(a[~is_v], b[~is_v], msg=name)
+            assert int(is_v.sum()) == GROUPS * HN
+        elif re.search(r"(linear_proj|linear_fc1|linear_fc2)\.weight$", name):
+            torch.testing.assert_close(a, b * beta, msg=name)
+        else:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "mixln", "lns", "hybridnorm", "hybridnorm_star"])
+def test_placements_without_rescaling_leave_weights(mcore, placement):
+    before, after = build_pair(placement)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def _std(model, pattern):
+    ws = [p for n, p in model.named_parameters() if re.search(pattern, n)]
+    return torch.cat([w.flatten() for w in ws]).std().item()
+
+
+@pytest.mark.parametrize(
+    "placement,scaled",
+    [("pre", True), ("spannorm", True), ("lns", False), ("b2t", False), ("deepnorm", False), ("hybridnorm", True)],
+)
+def test_megatron_scaled_output_init(mcore, placement, scaled):
+    """Megatron's sigma/sqrt(2L) on linear_proj/fc2 only where the paper uses it (LNS drops it)."""
+    built = build_model(
+        make_cfg(placement, extra=("model.hidden_size=256", "model.num_attention_heads=4")), vocab_size=64,
+        init_rules=False,
+    )
+    model = built.chunks[0]
+    qkv = _std(model, r"linear_qkv\.weight$")
+    proj = _std(model, r"linear_proj\.weight$")
+    ratio = proj / qkv
+    expected = 1 / math.sqrt(2 * L) if scaled else 1.0
+    assert abs(ratio - expected) < 0.1 * expected, (placement, ratio, expected)
+
+
+def test_hybridnorm_megatron_init_std(mcore):
+    built = build_model(make_cfg("hybridnorm", extra=("model.hidden_size=256",)), vocab_size=64)
+    std = _std(built.chunks[0], r"linear_qkv\.weight$")
+    assert abs(std - 1 / math.sqrt(2.5 * 256)) < 0.05 / math.sqrt(2.5 * 256)
+
+
+def test_lns_scale_uses_global_layer_number(mcore):
+    built = build_model(make_cfg("lns"), vocab_size=64)
+    for layer in built.chunks[0].decoder.layers:
+        assert getattr(layer.input_layernorm, "output_scale", 1.0) == pytest.approx(1 / math.sqrt(layer.layer_number))
+        assert getattr(layer.pre_mlp_layernorm, "output_scale", 1.0) == pytest.approx(1 / math.sqrt(layer.layer_number))

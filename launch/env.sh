@@ -17,10 +17,9 @@ megaspan_has_gpus() {
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
 }
 
-# megaspan_gpu_env_defaults NODE_ID: H100 (Hopper) defaults, exported only when GPUs are present.
+# megaspan_gpu_env_defaults: H100 (Hopper) defaults, exported only when GPUs are present.
 # Values follow Megatron-LM's own sbatch examples (see shared/docs/megatron-core-notes.md §5.1).
 megaspan_gpu_env_defaults() {
-    local node_id=${1:-0}
     megaspan_has_gpus || return 0
     # TP/CP communication overlap needs kernels queued in issue order on Hopper and earlier.
     # Megatron says Blackwell+ does not need it and FSDP wants it unset or >1: set
@@ -39,8 +38,6 @@ megaspan_gpu_env_defaults() {
     export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
     # Free NCCL buffers without recordStream (lower memory, what Megatron recommends).
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
-    # Triton's compile cache on node-local disk, one per node (shared FS caches race and are slow).
-    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache_${USER:-$(id -un)}_${node_id}}
     # Print one NCCL init line per rank on failure-prone clusters; WARN keeps logs small.
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 }
@@ -56,6 +53,7 @@ megaspan_common_env() {
 # megaspan_resolve_cmd: fill the array MEGASPAN_CMD_ARGV with the command to run.
 # MEGASPAN_CMD (word-split, no quoting) overrides it, e.g. MEGASPAN_CMD="python my_probe.py".
 # Default: the "megaspan" console script if on PATH, else "python -m megaspan".
+# shellcheck disable=SC2034 # MEGASPAN_CMD_ARGV is this function's output, read by the caller
 megaspan_resolve_cmd() {
     MEGASPAN_CMD_ARGV=()
     if [[ -n ${MEGASPAN_CMD:-} ]]; then

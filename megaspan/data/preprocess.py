@@ -1,0 +1,223 @@
+"""Tokenize documents into Megatron ``.bin``/``.idx`` indexed datasets.
+
+Uses Megatron's own :class:`IndexedDatasetBuilder`, so the output is exactly what
+``GPTDataset`` and upstream Megatron tools read. Each document is stored as one sequence of its
+token ids followed by the tokenizer's ``eod`` id; the EOD both separates documents once
+GPTDataset packs them into fixed-length samples and guarantees no sequence has length 0 (a
+zero-length sequence makes ``GPTDataset._get_num_epochs`` loop forever).
+
+Parallelism: tokenization runs in a ``fork`` process pool with ordered ``imap``, so the output
+is byte-identical for any worker count. ``fork`` (what torch's DataLoader uses too) rather than
+``forkserver``/``spawn``: those re-import the caller's ``__main__``, which breaks callers without
+an ``if __name__ == "__main__"`` guard and costs seconds when that module imports megatron. The
+workers only run sentencepiece, which holds no locks across a fork.
+
+Writes are atomic: the builder writes a hidden temp prefix that is renamed into place, ``.bin``
+first and ``.idx`` last, and :func:`is_complete` checks that the two agree, so an interrupted
+run never leaves a prefix that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from megaspan.data import DataError
+from megaspan.data.corpus import iter_documents, stdlib_corpus, stdlib_documents
+from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir
+
+_CHUNKSIZE = 8
+"""Documents per pool task: big enough to amortize IPC, small enough to balance long files."""
+_PROGRESS_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class PreprocessStats:
+    """What a preprocessing run wrote."""
+
+    prefix: str
+    documents: int
+    tokens: int
+    """Including one EOD per document."""
+    seconds: float
+
+
+def preprocess_documents(
+    documents: Iterable[str],
+    tokenizer: SentencePieceTokenizer,
+    output_prefix: str | os.PathLike[str],
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> PreprocessStats:
+    """Tokenize ``documents`` (+ EOD each) into ``output_prefix.bin`` / ``output_prefix.idx``.
+
+    ``workers <= 1`` tokenizes in this process. Empty strings are skipped. Raises
+    :class:`DataError` if no document was written.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.parent / f".{prefix.name}.{os.getpid()}.tmp"
+    meter = _Progress(prefix.name, enabled=progress)
+    builder = IndexedDatasetBuilder(
+        f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)
+    )
+    try:
+        for ids in _encode_all(documents, tokenizer, workers):
+            builder.add_document(ids, [len(ids)])
+            meter.update(len(ids))
+        builder.finalize(f"{tmp}.idx")
+        if meter.documents == 0:
+            raise DataError(f"no documents to write to {prefix}: the input is empty")
+        os.replace(f"{tmp}.bin", f"{prefix}.bin")
+        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    finally:
+        meter.close()
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    return PreprocessStats(str(prefix), meter.documents, meter.tokens, meter.elapsed())
+
+
+def preprocess_files(
+    inputs: Sequence[str | os.PathLike[str]],
+    tokenizer: SentencePieceTokenizer,
+    output_prefix: str | os.PathLike[str],
+    *,
+    text_key: str = "text",
+    workers: int = 1,
+    progress: bool = True,
+) -> PreprocessStats:
+    """Preprocess ``.txt`` (one document per file) and ``.jsonl`` files, in the given order."""
+    return preprocess_documents(
+        iter_documents(inputs, text_key), tokenizer, output_prefix,
+        workers=workers, progress=progress,
+    )
+
+
+def preprocess_stdlib(
+    tokenizer: SentencePieceTokenizer,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """The embedded corpus as indexed datasets: ``{"train": prefix, "valid": prefix}``.
+
+    Prefixes live in ``<cache_dir>/stdlib/<key>/{train,valid}``, ``key`` hashing the corpus
+    content and the tokenizer model, and are only built when absent or incomplete. Not
+    rank-aware by itself: in multi-rank runs call it through
+    :func:`megaspan.data.tokenizer.rank_zero_first` (``build_datasets`` does).
+    """
+    digest = hashlib.sha256(tokenizer.sha256.encode())
+    for split in ("train", "valid"):
+        for text in stdlib_documents(split):
+            data = text.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    root = default_cache_dir(cache_dir) / "stdlib" / digest.hexdigest()[:16]
+    prefixes: dict[str, str] = {}
+    for split in ("train", "valid"):
+        prefix = root / split
+        if not is_complete(prefix):
+            preprocess_documents(
+                stdlib_corpus(split), tokenizer, prefix,
+                workers=workers if workers is not None else min(4, os.cpu_count() or 1),
+                progress=progress,
+            )
+        prefixes[split] = str(prefix)
+    return prefixes
+
+
+def is_complete(prefix: str | os.PathLike[str]) -> bool:
+    """Whether ``prefix.bin`` and ``prefix.idx`` both exist and describe the same data.
+
+    Compares the ``.bin`` size with the token count and dtype recorded in the ``.idx`` (read
+    through Megatron's reader), which catches a missing file, a truncated write, and a ``.bin``
+    from a different run.
+    """
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    if not (bin_path.is_file() and idx_path.is_file()):
+        return False
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    try:
+        index = _IndexReader(str(idx_path), multimodal=False)
+    except (AssertionError, ValueError, OSError):
+        return False
+    expected = int(index.sequence_lengths.sum()) * numpy.dtype(index.dtype).itemsize
+    return bin_path.stat().st_size == expected and len(index) > 0
+
+
+def _encode_all(
+    documents: Iterable[str], tokenizer: SentencePieceTokenizer, workers: int
+) -> Iterator[numpy.ndarray]:
+    texts = (text for text in documents if text)
+    if workers <= 1:
+        _init_worker(tokenizer.path)
+        yield from map(_encode, texts)
+        return
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+        yield from pool.imap(_encode, texts, chunksize=_CHUNKSIZE)
+
+
+_worker_tokenizer: SentencePieceTokenizer | None = None
+
+
+def _init_worker(model_path: Path) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = SentencePieceTokenizer(model_path)
+
+
+def _encode(text: str) -> numpy.ndarray:
+    assert _worker_tokenizer is not None
+    ids = _worker_tokenizer.tokenize(text)
+    ids.append(_worker_tokenizer.eod)
+    return numpy.asarray(ids, dtype=numpy.int32)
+
+
+class _Progress:
+    """A single self-overwriting stderr line: documents, tokens, documents/s, tokens/s."""
+
+    def __init__(self, name: str, *, enabled: bool) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.documents = 0
+        self.tokens = 0
+        self._start = time.monotonic()
+        self._last = self._start
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    def update(self, tokens: int) -> None:
+        self.documents += 1
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.enabled and now - self._last >= _PROGRESS_EVERY_S:
+            self._last = now
+            self._write("\r")
+
+    def close(self) -> None:
+        """Print the final totals and end the line, so later messages start on their own line."""
+        if self.enabled:
+            self._write("\r")
+            sys.stderr.write("\n")
+
+    def _write(self, lead: str) -> None:
+        seconds = max(self.elapsed(), 1e-9)
+        sys.stderr.write(
+            f"{lead}preprocess {self.name}: {self.documents} docs, {self.tokens} tokens, "
+            f"{self.documents / seconds:.0f} docs/s, {self.tokens / seconds:.0f} tokens/s"
+        )
+        sys.stderr.flush()

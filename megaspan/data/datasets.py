@@ -1,0 +1,175 @@
+"""Build Megatron ``GPTDataset`` train/valid/test splits (blended) from a :class:`DataConfig`.
+
+All sampling, shuffling, packing and blending is Megatron's own
+(``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` + ``BlendedDataset``); this module only turns
+megaspan's config into a ``GPTDatasetConfig`` and rejects inputs that Megatron would otherwise
+answer with an assertion, a multi-line traceback, or an endless loop.
+
+Two sources:
+
+* ``data.paths`` set: every prefix feeds every split through ``data.split`` (Megatron's
+  ``blend`` + ``split``). With several prefixes and ``data.weights=None`` the weights are the
+  prefixes' token counts, passed explicitly so that Megatron builds as many samples as
+  requested (with ``weights=None`` it would stop at one epoch of each dataset).
+* ``data.paths`` empty: the embedded stdlib corpus, preprocessed into the cache on first use.
+  Its train prefix feeds training and the held-out-by-file valid prefix feeds validation
+  (Megatron's ``blend_per_split``); there is no test split and ``data.split`` is not used.
+
+Distributed use: call :func:`build_datasets` on **every** rank. When ``torch.distributed`` is
+initialized, Megatron builds and caches the index files on rank 0 first, barriers, then loads
+them on the other ranks; the stdlib preprocessing here follows the same rank-0-first pattern.
+Ranks for which ``is_built_on_rank()`` is False get ``None`` datasets (Megatron's convention:
+e.g. only TP rank 0 of the first/last pipeline stage reads data and broadcasts it).
+
+Cache layout under ``data.cache_dir`` (default ``~/.cache/megaspan``)::
+
+    tokenizers/spm-<type>-v<vocab>-<hash>.model    trained tokenizers
+    stdlib/<hash>/{train,valid}.{bin,idx}          the preprocessed embedded corpus
+    index_cache/<md5>-GPTDataset-<split>-*.npy     Megatron's document/sample/shuffle indices
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import _IndexReader
+from megatron.core.tokenizers import MegatronTokenizerBase
+from torch.utils.data import Dataset
+
+from megaspan.data import DataError
+from megaspan.data.preprocess import is_complete, preprocess_stdlib
+from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir, rank_zero_first
+
+if TYPE_CHECKING:
+    from megaspan.config.schema import DataConfig
+
+# Megatron annotates GPTDatasetConfig.tokenizer as MegatronTokenizerBase; our tokenizer provides
+# everything the datasets read without importing megatron, so declare it a virtual subclass.
+MegatronTokenizerBase.register(SentencePieceTokenizer)
+
+SPLIT_NAMES = ("train", "valid", "test")
+Blend = tuple[list[str], list[float] | None]
+
+
+def build_datasets(
+    data_cfg: DataConfig,
+    tokenizer: SentencePieceTokenizer,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int | None, int | None, int | None],
+    *,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+    create_attention_mask: bool = True,
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
+    """Return ``(train, valid, test)`` datasets; a split is ``None`` when it has no data.
+
+    ``num_samples`` is the number of ``seq_length``-token samples wanted per split (Megatron
+    repeats epochs as needed); ``None`` means exactly one epoch and is not allowed together
+    with explicit ``data.weights``. Each sample is a dict of ``tokens``, ``labels``,
+    ``loss_mask``, ``position_ids`` (and ``attention_mask`` when ``create_attention_mask``),
+    plus ``dataset_id`` when several prefixes are blended. Raises :class:`DataError` for
+    missing/empty/incomplete data, a malformed split, or a weights/paths mismatch.
+    """
+    if len(num_samples) != 3:
+        raise DataError(f"num_samples must be (train, valid, test), got {tuple(num_samples)}")
+    cache = default_cache_dir(data_cfg.cache_dir)
+    if data_cfg.paths:
+        split_source = {
+            "blend": _user_blend(data_cfg, num_samples),
+            "split": _check_split(data_cfg.split, data_cfg.paths),
+        }
+    else:
+        if data_cfg.weights is not None:
+            raise DataError("data.weights is set but data.paths is empty; give one path per weight")
+        prefixes = rank_zero_first(lambda: preprocess_stdlib(tokenizer, cache))
+        split_source = {
+            "blend_per_split": [([prefixes["train"]], None), ([prefixes["valid"]], None), None]
+        }
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        path_to_cache=str(cache / "index_cache"),
+        reset_position_ids=data_cfg.reset_position_ids,
+        reset_attention_mask=data_cfg.reset_attention_mask,
+        eod_mask_loss=data_cfg.eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+        **split_source,
+    )
+    train, valid, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, list(num_samples), is_built_on_rank, config
+    ).build()
+    return train, valid, test
+
+
+def _user_blend(data_cfg: DataConfig, num_samples: Sequence[int | None]) -> Blend:
+    """Validate ``data.paths``/``data.weights`` and return Megatron's ``(prefixes, weights)``."""
+    prefixes = [str(p) for p in data_cfg.paths]
+    token_counts = [_token_count(p) for p in prefixes]
+    weights = data_cfg.weights
+    if weights is not None:
+        if len(weights) != len(prefixes):
+            raise DataError(
+                f"data.weights has {len(weights)} entries but data.paths has {len(prefixes)};"
+                f" give one weight per path (or weights=null for size-proportional blending)"
+            )
+        if any(not w > 0 for w in weights):
+            raise DataError(f"data.weights must all be positive, got {list(weights)}")
+        if any(n is None for n in num_samples):
+            raise DataError("explicit data.weights need a sample count for every split")
+        return prefixes, [float(w) for w in weights]
+    if len(prefixes) > 1 and all(n is not None for n in num_samples):
+        return prefixes, [float(n) for n in token_counts]
+    return prefixes, None
+
+
+def _token_count(prefix: str) -> int:
+    """Tokens in an indexed dataset; raises :class:`DataError` if it is missing, partial or empty."""
+    missing = [f"{prefix}{s}" for s in (".bin", ".idx") if not Path(f"{prefix}{s}").is_file()]
+    if missing:
+        raise DataError(
+            f"data path {prefix!r}: {' and '.join(missing)} not found; create it with"
+            f" `megaspan preprocess --input FILES --tokenizer MODEL --output-prefix {prefix}`"
+            f" (data.paths takes prefixes, without .bin/.idx)"
+        )
+    if not is_complete(prefix):
+        raise DataError(
+            f"data path {prefix!r} is incomplete or corrupt (.bin size disagrees with .idx);"
+            f" re-run `megaspan preprocess ... --output-prefix {prefix}`"
+        )
+    return int(_IndexReader(f"{prefix}.idx", multimodal=False).sequence_lengths.sum())
+
+
+def _check_split(split: str, prefixes: Sequence[str]) -> str:
+    """Reject malformed split strings and splits that leave a requested split with no documents.
+
+    A split with zero documents is not an error in Megatron: ``GPTDataset`` then loops forever
+    looking for tokens, so it must be caught here.
+    """
+    if not re.fullmatch(r"\s*[0-9.]+(\s*,\s*[0-9.]+){0,2}\s*", split):
+        raise DataError(f"data.split {split!r} is not 'train,valid,test' weights like '98,2,0'")
+    vector = [float(x) for x in split.split(",")]
+    if sum(vector) <= 0:
+        raise DataError(f"data.split {split!r} has no positive weight")
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        documents = len(_IndexReader(f"{prefix}.idx", multimodal=False))
+        for name, bounds in zip(SPLIT_NAMES, matrix):
+            if bounds is None:
+                continue
+            if int(round(bounds[1] * documents)) - int(round(bounds[0] * documents)) == 0:
+                raise DataError(
+                    f"data path {prefix!r} has {documents} documents, too few for"
+                    f" data.split={split!r}: the {name} split gets none; add documents or"
+                    f" change data.split (e.g. '{'100,0,0' if name != 'train' else '98,2,0'}')"
+                )
+    return split

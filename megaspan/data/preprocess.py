@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy
 
 from megaspan.data import DataError
-from megaspan.data.corpus import iter_documents, stdlib_corpus, stdlib_documents
+from megaspan.data.corpus import expand_inputs, iter_documents, stdlib_corpus, stdlib_documents
 from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir
 
 _CHUNKSIZE = 8
@@ -98,9 +98,12 @@ def preprocess_files(
     workers: int = 1,
     progress: bool = True,
 ) -> PreprocessStats:
-    """Preprocess ``.txt`` (one document per file) and ``.jsonl`` files, in the given order."""
+    """Preprocess ``.txt`` (one document per file) and ``.jsonl`` files, in the given order.
+
+    Input paths are checked before anything is written (or megatron is imported).
+    """
     return preprocess_documents(
-        iter_documents(inputs, text_key), tokenizer, output_prefix,
+        iter_documents(expand_inputs(inputs), text_key), tokenizer, output_prefix,
         workers=workers, progress=progress,
     )
 

@@ -209,7 +209,7 @@ def train_tokenizer(
         )
     except RuntimeError as err:
         raise DataError(_describe_training_error(err, vocab_size)) from None
-    _atomic_write(target, model.getvalue())
+    atomic_write_bytes(target, model.getvalue())
     return SentencePieceTokenizer(target)
 
 
@@ -317,7 +317,8 @@ def _describe_training_error(err: RuntimeError, vocab_size: int) -> str:
     return f"sentencepiece training failed: {message.splitlines()[0] if message else err!r}"
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a temp file and rename: readers see old or new, never half."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

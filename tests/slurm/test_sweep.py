@@ -1,0 +1,104 @@
+"""launch/sweep.py: sweep definition -> job-array cells (pure Python, no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+SWEEP_PY = REPO / "launch" / "sweep.py"
+sys.path.insert(0, str(REPO / "launch"))
+import sweep as sweep_mod  # noqa: E402
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP_PY), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def _write(tmp_path, text: str, name: str = "s.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+SWEEP = """
+name: demo
+config: recipes/tiny.yaml
+fixed:
+  training.steps: 20
+  model.hidden_size: 64
+axes:
+  placements: [pre, spannorm]
+  depths: [2, 4]
+  lrs: [1.0e-3, 3.0e-4]
+  seeds: [1]
+"""
+
+
+def test_list_count_and_cells(tmp_path):
+    path = _write(tmp_path, SWEEP)
+    assert _run("--count", str(path)).stdout.strip() == "8"
+    assert _run("--name", str(path)).stdout.strip() == "demo"
+    listing = _run("--list", str(path)).stdout
+    assert "array size: 8" in listing and "--array=0-7" in listing
+
+    cell = _run("--cell", "5", str(path)).stdout.splitlines()
+    # Row-major, first axis slowest: 5 = spannorm (1), depth 2 (0), lr 3e-4 (1), seed 1 (0).
+    assert cell[0] == "demo/spannorm-L2-lr0.0003-s1"
+    assert cell[1:3] == ["--config", str((tmp_path / "recipes/tiny.yaml").resolve())]
+    assert cell[3:] == ["training.steps=20", "model.hidden_size=64", "model.norm_placement=spannorm",
+                        "model.num_layers=2", "optimizer.lr=0.0003", "training.seed=1"]
+
+    names = [_run("--cell", str(i), str(path)).stdout.splitlines()[0] for i in range(8)]
+    assert len(set(names)) == 8
+    assert _run("--cell", "8", str(path)).returncode == 2
+
+
+def test_freeze_roundtrip_needs_no_yaml(tmp_path):
+    path = _write(tmp_path, SWEEP)
+    frozen = tmp_path / "frozen.json"
+    assert _run("--freeze", str(frozen), str(path)).stdout.strip() == "8"
+    data = json.loads(frozen.read_text())
+    assert len(data["cells"]) == 8
+    assert _run("--cell", "5", str(frozen)).stdout == _run("--cell", "5", str(path)).stdout
+
+
+def test_generic_axes_and_value_formatting(tmp_path):
+    path = _write(tmp_path, """
+name: g
+axes:
+  model.hidden_size: [64]
+  precision.fp8: [null]
+  model.add_bias_linear: [true, false]
+  data.paths: [[a, b]]
+""")
+    cell = _run("--cell", "1", str(path)).stdout.splitlines()
+    assert cell[0] == "g/hidden_size-64-fp8-null-add_bias_linear-false-paths-__a___b__"
+    assert cell[1:] == ["model.hidden_size=64", "precision.fp8=null", "model.add_bias_linear=false",
+                        'data.paths=["a","b"]']
+
+
+@pytest.mark.parametrize("text, message", [
+    ("axes: {depth: [1]}", "'name'"),
+    ("name: x\naxes: {depth: [1]}\nbogus: 1", "unknown top-level"),
+    ("name: x\naxes: {notakey: [1]}", "neither an alias"),
+    ("name: x\nfixed: {model.num_layers: 2}\naxes: {depth: [1]}", "both fixed and an axis"),
+    ("name: x\nfixed: {training.run_dir: /x}", "set per cell"),
+    ("name: x\naxes: {lr: [0.001, 1.0e-3]}", "both get the name"),
+])
+def test_errors(tmp_path, text, message):
+    proc = _run("--list", str(_write(tmp_path, text)))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_expand_api_is_deterministic():
+    data = {"name": "n", "axes": {"seed": [1, 2], "depth": [3]}}
+    a, b = sweep_mod.expand(data), sweep_mod.expand(data)
+    assert a == b
+    assert [c["name"] for c in a["cells"]] == ["s1-L3", "s2-L3"]

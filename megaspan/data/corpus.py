@@ -83,13 +83,14 @@ def stdlib_files(split: Split) -> list[Path]:
     _check_split(split)
     root = stdlib_root()
     selected: list[tuple[str, Path]] = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if _EXCLUDED_DIRS.intersection(relative.parts[:-1]) or not path.is_file():
-            continue
-        rel = relative.as_posix()
-        if is_valid_file(rel) == (split == "valid"):
-            selected.append((rel, path))
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]  # prune: never descend
+        for name in names:
+            path = Path(directory, name)
+            if name.endswith(".py") and path.is_file():
+                rel = path.relative_to(root).as_posix()
+                if is_valid_file(rel) == (split == "valid"):
+                    selected.append((rel, path))
     return [path for _, path in sorted(selected)]
 
 

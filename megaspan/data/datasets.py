@@ -41,12 +41,11 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import _IndexReader
 from megatron.core.tokenizers import MegatronTokenizerBase
 from torch.utils.data import Dataset
 
 from megaspan.data import DataError
-from megaspan.data.preprocess import is_complete, preprocess_stdlib
+from megaspan.data.preprocess import index_stats, is_complete, preprocess_stdlib
 from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir, rank_zero_first
 
 if TYPE_CHECKING:
@@ -146,7 +145,7 @@ def _token_count(prefix: str) -> int:
             f"data path {prefix!r} is incomplete or corrupt (.bin size disagrees with .idx);"
             f" re-run `megaspan preprocess ... --output-prefix {prefix}`"
         )
-    return int(_IndexReader(f"{prefix}.idx", multimodal=False).sequence_lengths.sum())
+    return index_stats(prefix)[1]
 
 
 def _check_split(split: str, prefixes: Sequence[str]) -> str:
@@ -162,7 +161,7 @@ def _check_split(split: str, prefixes: Sequence[str]) -> str:
         raise DataError(f"data.split {split!r} has no positive weight")
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
-        documents = len(_IndexReader(f"{prefix}.idx", multimodal=False))
+        documents = index_stats(prefix)[0]
         for name, bounds in zip(SPLIT_NAMES, matrix):
             if bounds is None:
                 continue

@@ -141,24 +141,34 @@ def preprocess_stdlib(
     return prefixes
 
 
-def is_complete(prefix: str | os.PathLike[str]) -> bool:
-    """Whether ``prefix.bin`` and ``prefix.idx`` both exist and describe the same data.
+def index_stats(prefix: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """``(sequences, tokens, bytes per token)`` recorded in ``prefix.idx``.
 
-    Compares the ``.bin`` size with the token count and dtype recorded in the ``.idx`` (read
-    through Megatron's reader), which catches a missing file, a truncated write, and a ``.bin``
-    from a different run.
+    Values are copied out before the reader is dropped: Megatron's ``_IndexReader`` closes its
+    mmap in ``__del__``, so touching an array of a dead reader segfaults.
+    """
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    index = _IndexReader(f"{prefix}.idx", multimodal=False)
+    stats = (len(index), int(index.sequence_lengths.sum()), numpy.dtype(index.dtype).itemsize)
+    del index
+    return stats
+
+
+def is_complete(prefix: str | os.PathLike[str]) -> bool:
+    """Whether ``prefix.bin`` and ``prefix.idx`` both exist and describe the same, non-empty data.
+
+    Compares the ``.bin`` size with the token count and dtype recorded in the ``.idx``, which
+    catches a missing file, a truncated write, and a ``.bin`` from a different run.
     """
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     if not (bin_path.is_file() and idx_path.is_file()):
         return False
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
     try:
-        index = _IndexReader(str(idx_path), multimodal=False)
+        sequences, tokens, itemsize = index_stats(prefix)
     except (AssertionError, ValueError, OSError):
         return False
-    expected = int(index.sequence_lengths.sum()) * numpy.dtype(index.dtype).itemsize
-    return bin_path.stat().st_size == expected and len(index) > 0
+    return sequences > 0 and bin_path.stat().st_size == tokens * itemsize
 
 
 def _encode_all(

@@ -1,0 +1,130 @@
+"""build_datasets: GPTDataset samples, blend weights, the default corpus, input validation."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from megaspan.config.schema import DataConfig, TokenizerConfig
+from megaspan.data import DataError
+from megaspan.data.datasets import build_datasets
+from megaspan.data.preprocess import preprocess_documents
+from megaspan.data.tokenizer import build_tokenizer, train_tokenizer
+
+WORDS_A = ["alpha", "beam", "cage", "deck", "fig", "hijack", "image"]  # letters a..m only
+WORDS_B = ["nut", "opus", "pyx", "quartz", "stow", "ruz", "vox"]  # letters n..z only
+
+
+def _documents(words: list[str], count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "\n"
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tokenizer and two preprocessed datasets whose tokens tell them apart."""
+    root = tmp_path_factory.mktemp("data")
+    docs_a, docs_b = _documents(WORDS_A, 300, 1), _documents(WORDS_B, 300, 2)
+    tok = train_tokenizer(docs_a + docs_b, vocab_size=300, cache_dir=root / "cache")
+    for name, docs in (("a", docs_a), ("b", docs_b)):
+        preprocess_documents(docs, tok, root / name, progress=False)
+    ids_a = {i for d in docs_a for i in tok.tokenize(d)}
+    ids_b = {i for d in docs_b for i in tok.tokenize(d)}
+    return root, tok, docs_a, ids_a - ids_b, ids_b - ids_a
+
+
+def test_gpt_samples_keys_shapes_and_eod_placement(setup):
+    root, tok, docs_a, _, _ = setup
+    cfg = DataConfig(paths=[str(root / "a")], split="90,10,0", cache_dir=str(root / "cache"),
+                     eod_mask_loss=True)
+    train, valid, test = build_datasets(cfg, tok, seq_length=32, seed=7, num_samples=(200, 20, 0))
+    assert test is None and len(train) >= 200 and len(valid) >= 20
+    encoded = {tuple(tok.tokenize(d)) for d in docs_a}
+    whole_documents_seen = 0
+    for idx in range(200):
+        s = train[idx]
+        assert set(s) == {"tokens", "labels", "loss_mask", "position_ids", "attention_mask"}
+        assert s["tokens"].shape == s["labels"].shape == s["loss_mask"].shape == (32,)
+        assert s["attention_mask"].shape == (1, 32, 32)
+        assert torch.equal(s["tokens"][1:], s["labels"][:-1])
+        assert torch.equal(s["position_ids"], torch.arange(32))
+        assert torch.equal(s["loss_mask"] == 0, s["tokens"] == tok.eod)  # eod_mask_loss
+        # The stream is whole documents separated by exactly one EOD each.
+        stream = s["tokens"].tolist() + s["labels"][-1:].tolist()
+        pieces, start = [], 0
+        for pos, token in enumerate(stream + [tok.eod]):
+            if token == tok.eod:
+                pieces.append(tuple(stream[start:pos]))
+                start = pos + 1
+        for inner in pieces[1:-1]:
+            assert inner in encoded
+            whole_documents_seen += 1
+    assert whole_documents_seen > 20  # the check above was not vacuous
+
+
+def test_blend_honours_weights(setup):
+    root, tok, _, only_a, only_b = setup
+    cfg = DataConfig(paths=[str(root / "a"), str(root / "b")], weights=[0.7, 0.3],
+                     split="100,0,0", cache_dir=str(root / "cache"))
+    train, _, _ = build_datasets(cfg, tok, seq_length=16, seed=3, num_samples=(3000, 0, 0))
+    assert len(train) >= 3000
+    origins = Counter()
+    for idx in range(3000):
+        sample = train[idx]
+        tokens = set(sample["tokens"].tolist())
+        origin = "a" if tokens & only_a else "b"
+        assert not tokens & (only_b if origin == "a" else only_a)  # never mixes sources
+        assert sample["dataset_id"] == (0 if origin == "a" else 1)
+        origins[origin] += 1
+    assert abs(origins["a"] / 3000 - 0.7) < 0.03
+
+
+def test_default_corpus_uses_held_out_valid_prefix(tmp_path):
+    data_cfg = DataConfig(cache_dir=str(tmp_path))
+    tok = build_tokenizer(TokenizerConfig(vocab_size=512, max_train_sentences=2000), data_cfg)
+    train, valid, test = build_datasets(data_cfg, tok, seq_length=64, seed=1,
+                                        num_samples=(100, 10, 5))
+    assert test is None and len(train) >= 100 and len(valid) >= 10
+    assert "stdlib" in train.dataset_path and train.dataset_path.endswith("/train")
+    assert valid.dataset_path.endswith("/valid")
+    bin_file = tmp_path.joinpath(*train.dataset_path.split("/")[-3:]).with_suffix(".bin")
+    mtime = bin_file.stat().st_mtime_ns
+    again, _, _ = build_datasets(data_cfg, tok, seq_length=64, seed=1, num_samples=(100, 10, 5))
+    assert again.dataset_path == train.dataset_path and bin_file.stat().st_mtime_ns == mtime
+    assert torch.equal(again[5]["tokens"], train[5]["tokens"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [({"paths": ["{root}/missing"]}, "missing.bin and {root}/missing.idx not found"),
+     ({"paths": ["{root}/a", "{root}/b"], "weights": [1.0]}, "data.weights has 1 entries"),
+     ({"paths": ["{root}/a"], "weights": [0.0]}, "positive"),
+     ({"weights": [1.0]}, "data.paths is empty"),
+     ({"paths": ["{root}/tiny"], "split": "98,2,0"}, "the valid split gets none"),
+     ({"paths": ["{root}/a"], "split": "train"}, "data.split"),
+     ({"paths": ["{root}/a.bin"]}, "without .bin/.idx")],
+)
+def test_bad_inputs_raise_one_line_data_error(setup, overrides, fragment):
+    root, tok, _, _, _ = setup
+    if not (root / "tiny.bin").exists():
+        preprocess_documents(["x\n", "y\n", "z\n"], tok, root / "tiny", progress=False)
+    fields = {k: [p.format(root=root) for p in v] if k == "paths" else v
+              for k, v in overrides.items()}
+    cfg = DataConfig(cache_dir=str(root / "cache"), **fields)
+    with pytest.raises(DataError) as info:
+        build_datasets(cfg, tok, seq_length=16, seed=1, num_samples=(10, 10, 0))
+    assert fragment.format(root=root) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_half_present_dataset_names_the_missing_file(setup, tmp_path):
+    _, tok, _, _, _ = setup
+    preprocess_documents(["some text\n"] * 20, tok, tmp_path / "half", progress=False)
+    (tmp_path / "half.idx").unlink()
+    cfg = DataConfig(paths=[str(tmp_path / "half")], cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"half\.idx not found.*megaspan preprocess"):
+        build_datasets(cfg, tok, seq_length=16, seed=1, num_samples=(10, 1, 0))

@@ -35,6 +35,7 @@ PATCHED_NAMES: tuple[tuple[str, str], ...] = (
     ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving"),
     ("megatron.core.pipeline_parallel", "get_forward_backward_func"),
     ("megatron.core.transformer.utils", "get_default_causal_mask"),
+    ("megatron.core.models.common.language_module.language_module.LanguageModule", "setup_embeddings_and_output_layer"),
     ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
     ("megatron.core.pipeline_parallel.schedules", "get_forward_backward_func"),
 )
@@ -138,7 +139,11 @@ def _patch_torch_cuda() -> None:
     def type_(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
             name = original_type(self)
-            return name.replace("torch.", "torch.cuda.", 1) if not self.is_cuda else name
+            # Idempotent: under CudaToCpuMode, original_type re-enters this function through
+            # __torch_function__ and already returns the CUDA name.
+            if self.is_cuda or name.startswith("torch.cuda."):
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_
@@ -220,6 +225,12 @@ def _patch_megatron() -> None:
 
     utils.get_default_causal_mask = get_default_causal_mask
     fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+    # Tied embeddings under PP: the first/last stage all-reduce the word embeddings after .cuda().
+    lm = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    lm.LanguageModule.setup_embeddings_and_output_layer = _wrap_schedule(
+        lm.LanguageModule.setup_embeddings_and_output_layer
+    )
 
     schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
     pp = importlib.import_module("megatron.core.pipeline_parallel")

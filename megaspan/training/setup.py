@@ -1,0 +1,159 @@
+"""Build the training objects from Megatron-Core pieces: DDP chunks, optimizer, LR scheduler.
+
+Mirrors ``megatron.training.training.setup_model_and_optimizer`` (which is GPU-only) with the
+settings megaspan exposes in its config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from megaspan.config.loader import ConfigError
+from megaspan.config.schema import MegaspanConfig
+from megaspan.config.to_mcore import resolve_dtype
+
+
+@dataclass
+class TrainingObjects:
+    model: list  # DDP-wrapped chunks: what the schedules and the optimizer see
+    chunks: list  # the bare GPTModel chunks: what checkpoints shard
+    optimizer: object  # MegatronOptimizer (ChainedOptimizer)
+    scheduler: object  # OptimizerParamScheduler
+    config: object  # TransformerConfig
+    num_params: int
+
+
+def cuda_free() -> contextlib.AbstractContextManager:
+    """On CPU, run Megatron code that hard-codes ``device="cuda"`` (optimizer, grad scaler, grad
+    clipping, dist_checkpointing) with those tensors created on the CPU instead."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from megaspan.runtime.cpu_compat import CudaToCpuMode
+
+    return CudaToCpuMode()
+
+
+def decay_steps(cfg: MegaspanConfig) -> int:
+    return cfg.schedule.decay_steps or cfg.training.steps
+
+
+def check_schedule(cfg: MegaspanConfig) -> None:
+    """Catch what OptimizerParamScheduler would only assert, with a one-line fix."""
+    sch, opt = cfg.schedule, cfg.optimizer
+    if cfg.training.steps < 1:
+        raise ConfigError(f"training.steps must be >= 1, got {cfg.training.steps}")
+    if sch.warmup_steps >= decay_steps(cfg):
+        raise ConfigError(
+            f"schedule.warmup_steps={sch.warmup_steps} must be < the decay steps ({decay_steps(cfg)}): "
+            "shorten the warmup or raise schedule.decay_steps/training.steps"
+        )
+    if opt.min_lr > opt.lr or opt.min_lr < 0:
+        raise ConfigError(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
+    if sch.decay_style == "WSD" and sch.wsd_decay_steps is None:
+        raise ConfigError("schedule.decay_style=WSD needs schedule.wsd_decay_steps")
+    for key, value in (
+        ("training.eval_interval", cfg.training.eval_interval),
+        ("logging.log_interval", cfg.logging.log_interval),
+        ("checkpoint.save_interval", cfg.checkpoint.save_interval),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _wrap_ddp(cfg: MegaspanConfig, chunks: list, tconfig) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    par = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        # Float16Module casts inputs to the model dtype and the loss back to fp32, as in
+        # megatron.training.get_model.
+        module = Float16Module(tconfig, chunk) if (tconfig.fp16 or tconfig.bf16) else chunk
+        # Only the first chunk buckets its grads: later VP chunks' reductions would otherwise
+        # be launched out of order (same rule as megatron.training.get_model).
+        wrapped.append(
+            DistributedDataParallel(tconfig, ddp_config, module, disable_bucketing=i > 0)
+        )
+    return wrapped
+
+
+def _optimizer(cfg: MegaspanConfig, model: list):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt, prec = cfg.optimizer, cfg.precision
+    dtype = resolve_dtype(prec)
+    config = OptimizerConfig(
+        optimizer=opt.name,
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        loss_scale=prec.loss_scale,
+        initial_loss_scale=prec.initial_loss_scale,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )
+    # Biases and norm weights get no weight decay (Megatron's default parameter groups).
+    return get_megatron_optimizer(config, model)
+
+
+def _scheduler(cfg: MegaspanConfig, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt, sch = cfg.optimizer, cfg.schedule
+    # Units are optimizer steps (the trainer steps the scheduler by 1 per iteration).
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=sch.warmup_steps,
+        lr_decay_steps=decay_steps(cfg),
+        lr_decay_style=sch.decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=decay_steps(cfg),
+        wd_incr_style="constant",
+        wsd_decay_steps=sch.wsd_decay_steps,
+        lr_wsd_decay_style=sch.wsd_decay_style,
+    )
+
+
+def build_training_objects(cfg: MegaspanConfig, vocab_size: int) -> TrainingObjects:
+    from megatron.core.distributed import finalize_model_grads
+
+    from megaspan.models import build_model
+
+    built = build_model(cfg, vocab_size)
+    with cuda_free():
+        model = _wrap_ddp(cfg, built.chunks, built.config)
+        optimizer = _optimizer(cfg, model)
+        scheduler = _scheduler(cfg, optimizer)
+    tconfig = built.config
+    # The schedules read these hooks from the TransformerConfig (as megatron.training.train does).
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if cfg.parallel.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in model]
+        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    num_params = sum(p.numel() for chunk in built.chunks for p in chunk.parameters())
+    return TrainingObjects(model, built.chunks, optimizer, scheduler, tconfig, num_params)

@@ -140,24 +140,34 @@ def _token_count(prefix: str) -> int:
             f" `megaspan preprocess --input FILES --tokenizer MODEL --output-prefix {prefix}`"
             f" (data.paths takes prefixes, without .bin/.idx)"
         )
-    if not is_complete(prefix):
-        raise DataError(
-            f"data path {prefix!r} is incomplete or corrupt (.bin size disagrees with .idx);"
-            f" re-run `megaspan preprocess ... --output-prefix {prefix}`"
-        )
-    return index_stats(prefix)[1]
+    if is_complete(prefix):
+        return index_stats(prefix)[1]
+    try:
+        empty = index_stats(prefix)[0] == 0
+    except (AssertionError, ValueError, OSError):
+        empty = False
+    problem = "holds no documents" if empty else "is incomplete or corrupt (.bin disagrees with .idx)"
+    raise DataError(
+        f"data path {prefix!r} {problem}; re-run"
+        f" `megaspan preprocess --input FILES --tokenizer MODEL --output-prefix {prefix}`"
+    )
 
 
 def _check_split(split: str, prefixes: Sequence[str]) -> str:
-    """Reject malformed split strings and splits that leave a requested split with no documents.
+    """Reject malformed split strings, and splits that give some split zero documents.
 
     A split with zero documents is not an error in Megatron: ``GPTDataset`` then loops forever
-    looking for tokens, so it must be caught here.
+    looking for tokens (``_get_num_epochs``), so it must be caught here.
     """
-    if not re.fullmatch(r"\s*[0-9.]+(\s*,\s*[0-9.]+){0,2}\s*", split):
-        raise DataError(f"data.split {split!r} is not 'train,valid,test' weights like '98,2,0'")
-    vector = [float(x) for x in split.split(",")]
-    if sum(vector) <= 0:
+    try:
+        if not re.fullmatch(r"\s*[0-9.]+(\s*,\s*[0-9.]+){0,2}\s*", split):
+            raise ValueError
+        positive = sum(float(x) for x in split.split(",")) > 0
+    except ValueError:
+        raise DataError(
+            f"data.split {split!r} is not 'train,valid,test' weights like '98,2,0'"
+        ) from None
+    if not positive:
         raise DataError(f"data.split {split!r} has no positive weight")
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy
 import pytest
 import torch
 
@@ -129,3 +130,19 @@ def test_half_present_dataset_names_the_missing_file(setup, tmp_path):
     cfg = DataConfig(paths=[str(tmp_path / "half")], cache_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"half\.idx not found.*megaspan preprocess"):
         build_datasets(cfg, tok, seq_length=16, seed=1, num_samples=(10, 1, 0))
+
+
+def test_empty_and_truncated_datasets_are_rejected(setup, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    _, tok, _, _, _ = setup
+    builder = IndexedDatasetBuilder(str(tmp_path / "empty.bin"), dtype=numpy.uint16)
+    builder.finalize(str(tmp_path / "empty.idx"))  # a valid file pair with zero documents
+    preprocess_documents(["some text\n"] * 20, tok, tmp_path / "cut", progress=False)
+    data = (tmp_path / "cut.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
+    for name, fragment in (("empty", "holds no documents"), ("cut", "incomplete or corrupt")):
+        cfg = DataConfig(paths=[str(tmp_path / name)], cache_dir=str(tmp_path))
+        with pytest.raises(DataError) as info:
+            build_datasets(cfg, tok, seq_length=16, seed=1, num_samples=(10, 1, 0))
+        assert fragment in str(info.value) and "\n" not in str(info.value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,7 +68,7 @@ def preprocess_documents(
 
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.parent / f".{prefix.name}.{os.getpid()}.tmp"
+    tmp = prefix.parent / f".{prefix.name}.{secrets.token_hex(6)}.tmp"  # unique across hosts
     meter = _Progress(prefix.name, enabled=progress)
     builder = IndexedDatasetBuilder(
         f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)
@@ -176,8 +177,7 @@ def _encode_all(
 ) -> Iterator[numpy.ndarray]:
     texts = (text for text in documents if text)
     if workers <= 1:
-        _init_worker(tokenizer.path)
-        yield from map(_encode, texts)
+        yield from (_encode_with(tokenizer, text) for text in texts)
         return
     context = multiprocessing.get_context("fork")
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
@@ -193,9 +193,13 @@ def _init_worker(model_path: Path) -> None:
 
 
 def _encode(text: str) -> numpy.ndarray:
-    assert _worker_tokenizer is not None
-    ids = _worker_tokenizer.tokenize(text)
-    ids.append(_worker_tokenizer.eod)
+    assert _worker_tokenizer is not None, "_init_worker did not run in this process"
+    return _encode_with(_worker_tokenizer, text)
+
+
+def _encode_with(tokenizer: SentencePieceTokenizer, text: str) -> numpy.ndarray:
+    ids = tokenizer.tokenize(text)
+    ids.append(tokenizer.eod)
     return numpy.asarray(ids, dtype=numpy.int32)
 
 

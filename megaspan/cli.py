@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 EXIT_USAGE = 2
@@ -25,6 +27,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if "megaspan.specs" in sys.modules:  # only raised after the specs module was imported
         errors.append(sys.modules["megaspan.specs"].BackendError)
     return tuple(errors)
+
+
+def _quiet_expected_backend_notices() -> None:
+    """Drop import-time notices that only restate the environment.
+
+    Megatron warns on import that Transformer Engine/Apex are missing and torch logs that no
+    CUDA runtime exists; on CPU machines both are expected (``megaspan info`` reports the
+    backends), and they would bury the one-line error of a bad input.
+    """
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _fail(message: str) -> int:
@@ -147,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_expected_backend_notices()
     try:
         return args.func(args)
     except _user_errors() as exc:

@@ -102,10 +102,10 @@ def _layout(cfg: MegaspanConfig) -> Layout:
     )
 
 
-def _sample_counts(cfg: MegaspanConfig) -> list[int]:
+def _sample_counts(cfg: MegaspanConfig) -> tuple[int, int, int]:
     """Samples each split must provide: all training steps, one validation pass, no test."""
     tr = cfg.training
-    return [tr.steps * tr.global_batch_size, tr.eval_steps * tr.global_batch_size, 0]
+    return (tr.steps * tr.global_batch_size, tr.eval_steps * tr.global_batch_size, 0)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -328,7 +328,10 @@ def _build_data(cfg: MegaspanConfig):
             f"({tokenizer.vocab_size}); leave it null to use the tokenizer's"
         )
     datasets = build_datasets(
-        cfg.data, tokenizer, cfg.model.seq_length, cfg.training.seed, _sample_counts(cfg)
+        cfg.data, tokenizer, cfg.model.seq_length, cfg.training.seed, _sample_counts(cfg),
+        # The model only needs a mask when documents are masked from each other; otherwise
+        # attention is plainly causal and a [s, s] mask per sample is wasted memory.
+        create_attention_mask=cfg.data.reset_attention_mask,
     )
     return vocab, datasets
 

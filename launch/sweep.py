@@ -4,7 +4,8 @@
 A sweep file (YAML, or JSON without PyYAML) looks like::
 
     name: norm-depth               # run dirs: <runs>/<name>/<cell-name>
-    config: recipes/small.yaml     # optional: `--config` for every cell (relative to this file)
+    config: recipes/small.yaml     # optional: `--config` for every cell (a path next to this
+                                   # file, a shipped recipe name, or a path from the job's cwd)
     fixed:                         # dotted overrides applied to every cell
       training.steps: 2000
       model.hidden_size: 512
@@ -109,8 +110,9 @@ def load(path: Path) -> dict:
 def expand(data: dict, source: str = "sweep", base_dir: Path | None = None) -> dict:
     """Validate a sweep definition and return {"name", "config", "cells": [...]}.
 
-    A relative ``config`` is taken relative to ``base_dir`` (the sweep file's folder) and made
-    absolute, so cells do not depend on the directory the job starts in.
+    A relative ``config`` that exists next to the sweep file (``base_dir``) is made absolute, so
+    cells do not depend on the directory the job starts in; anything else (a shipped recipe name
+    such as ``tiny``, or a path relative to the job's working directory) is passed unchanged.
     """
     if "cells" in data and "axes" not in data:  # already frozen
         return data
@@ -128,7 +130,8 @@ def expand(data: dict, source: str = "sweep", base_dir: Path | None = None) -> d
     if config is not None and not isinstance(config, str):
         raise SweepError(f"{source}: 'config' must be a path")
     if config is not None and base_dir is not None and not Path(config).is_absolute():
-        config = str((base_dir / config).resolve())
+        if (base_dir / config).is_file():
+            config = str((base_dir / config).resolve())
 
     axis_keys: list[str] = []
     axis_values: list[list[Any]] = []

@@ -42,6 +42,8 @@ axes:
 
 def test_list_count_and_cells(tmp_path):
     path = _write(tmp_path, SWEEP)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny.yaml").write_text("{}\n")
     assert _run("--count", str(path)).stdout.strip() == "8"
     assert _run("--name", str(path)).stdout.strip() == "demo"
     listing = _run("--list", str(path)).stdout
@@ -57,6 +59,13 @@ def test_list_count_and_cells(tmp_path):
     names = [_run("--cell", str(i), str(path)).stdout.splitlines()[0] for i in range(8)]
     assert len(set(names)) == 8
     assert _run("--cell", "8", str(path)).returncode == 2
+
+
+def test_config_name_or_cwd_path_is_passed_unchanged(tmp_path):
+    path = _write(tmp_path, SWEEP)  # recipes/tiny.yaml does not exist next to it
+    assert _run("--cell", "0", str(path)).stdout.splitlines()[1:3] == ["--config", "recipes/tiny.yaml"]
+    path = _write(tmp_path, "name: n\nconfig: tiny\n")
+    assert _run("--cell", "0", str(path)).stdout.splitlines() == ["n/base", "--config", "tiny"]
 
 
 def test_freeze_roundtrip_needs_no_yaml(tmp_path):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
+import time
 import traceback
 
 from megaspan.runtime.distributed import free_port
@@ -33,9 +35,14 @@ def _worker(rank: int, world_size: int, port: int, fn, args, results) -> None:
             # Two ranks on two cores: more intra-op threads only oversubscribe.
             OMP_NUM_THREADS="1",
         )
+        import logging
+        import warnings
+
         import torch
 
         torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        logging.getLogger("megatron").setLevel(logging.ERROR)
         from megaspan.runtime import destroy, init_process_group
 
         init_process_group(timeout_s=300)
@@ -43,7 +50,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, results) -> None:
             out = fn(rank, world_size, *args)
         finally:
             destroy()
-        results.put((rank, "ok", out))
+        # Plain pickle, not multiprocessing's ForkingPickler: tensors travel by value instead of
+        # as shared-memory handles that die with this process.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put((rank, "error", traceback.format_exc()))
 
@@ -60,17 +69,27 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
         p.start()
     outputs: dict[int, object] = {}
     errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(outputs) < world_size and not errors:
             try:
-                rank, status, payload = results.get(timeout=timeout)
+                rank, status, payload = results.get(timeout=1.0)
             except queue.Empty:
-                raise DistributedTestError(f"timed out after {timeout}s waiting for ranks") from None
+                reported = outputs.keys() | errors.keys()
+                dead = [r for r, p in enumerate(procs) if r not in reported and not p.is_alive()]
+                if dead:
+                    # Give a result that raced the exit a last chance to arrive.
+                    time.sleep(1.0)
+                    if results.empty():
+                        code = procs[dead[0]].exitcode
+                        errors[dead[0]] = f"process exited with code {code} without reporting a result"
+                elif time.monotonic() > deadline:
+                    raise DistributedTestError(f"timed out after {timeout}s waiting for ranks") from None
+                continue
             if status == "ok":
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
             else:
-                errors[rank] = payload
-                break  # the other ranks are probably blocked in a collective
+                errors[rank] = payload  # the other ranks are probably blocked in a collective
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 30)

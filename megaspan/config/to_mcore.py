@@ -28,8 +28,13 @@ def ffn_hidden_size(model) -> int:
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron pads the embedding so every TP shard is equal and GEMM-friendly."""
-    multiple = divisible_by * tp
+    """Pad the embedding so every TP shard is equal and GEMM-friendly.
+
+    Megatron-LM pads to a multiple of ``divisible_by * tp``, which makes the padded vocabulary
+    (and so the checkpoint) depend on the TP size. Padding to ``divisible_by`` whenever TP divides
+    it keeps checkpoints reshardable across TP sizes and TP runs numerically equal to TP=1.
+    """
+    multiple = divisible_by if divisible_by % tp == 0 else divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 

@@ -1,0 +1,112 @@
+"""Per-rank functions for the multi-process tests (module-level so spawned ranks can import them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megaspan.config.loader import load_config
+from megaspan.models import build_model
+from megaspan.runtime import initialize_model_parallel
+
+VOCAB = 128
+
+
+def tiny_cfg(placement: str, moe: bool, extra=()):
+    overrides = [
+        f"model.norm_placement={placement}",
+        "model.num_layers=4",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=16",
+        "model.normalization=RMSNorm",
+        "model.activation=swiglu",
+        "precision.dtype=fp32",
+    ]
+    if moe:
+        overrides += ["model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.aux_loss_coeff=0",
+                      "model.moe.ffn_hidden_size=32"]
+    return load_config(None, overrides + list(extra))
+
+
+def fixed_batch(seq=16, batch=2):
+    g = torch.Generator().manual_seed(42)
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), generator=g)
+    position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), position_ids
+
+
+def _full_grad(name: str, param, grad, gated: bool):
+    """Undo TP sharding of a gradient so it can be compared with the TP=1 gradient."""
+    from megatron.core import parallel_state as ps
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return grad
+    is_expert = ".experts." in name
+    group = ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return grad
+    parts = [torch.empty_like(grad) for _ in range(world)]
+    dist.all_gather(parts, grad.contiguous(), group=group)
+    dim = param.partition_dim
+    if gated and "linear_fc1" in name:
+        # Each rank's SwiGLU fc1 shard is [gate_i; up_i]; the full weight is [gate; up].
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def loss_and_grads(rank, world_size, tp: int, cases):
+    """Loss and full (un-sharded) gradients of one fwd/bwd per (placement, moe) case."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    results = {}
+    for placement, moe in cases:
+        extra = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}"]
+        cfg = tiny_cfg(placement, moe, extra)
+        initialize_model_parallel(cfg.parallel, seed=1234)
+        built = build_model(cfg, vocab_size=VOCAB)
+        model = DistributedDataParallel(
+            config=built.config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+            module=built.chunks[0],
+        )
+        tokens, labels, position_ids = fixed_batch()
+        loss = model(tokens, position_ids, None, labels=labels).mean()
+        loss.backward()
+        model.finish_grad_sync()
+        finalize_model_grads([model])
+        grads = {
+            name: _full_grad(name, p, p.main_grad, built.config.gated_linear_unit)
+            for name, p in model.module.named_parameters()
+        }
+        results[(placement, moe)] = (loss.item(), grads if rank == 0 else None)
+    return results
+
+
+def pipeline_layouts(rank, world_size, cases):
+    """{(placement, extra): pipeline_layout(...)} for several cases in one set of processes."""
+    return {(placement, extra): pipeline_layout(placement, extra) for placement, extra in cases}
+
+
+def pipeline_layout(placement, extra):
+    """Per local layer: global layer_number, plan, built norm slot types, LNS scale."""
+    cfg = tiny_cfg(placement, False, extra)
+    initialize_model_parallel(cfg.parallel, seed=1234)
+    built = build_model(cfg, vocab_size=VOCAB)
+    layers = []
+    for chunk in built.chunks:
+        for layer in chunk.decoder.layers:
+            layers.append(
+                dict(
+                    number=layer.layer_number,
+                    plan=layer.plan,
+                    input_norm=type(layer.input_layernorm).__name__,
+                    post_attn_norm=type(layer.post_attn_norm).__name__,
+                    scale=getattr(layer.input_layernorm, "output_scale", 1.0),
+                )
+            )
+    return layers

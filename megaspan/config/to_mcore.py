@@ -78,6 +78,11 @@ def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None)
         recompute_granularity=par.recompute_granularity,
         recompute_method=par.recompute_method,
         recompute_num_layers=par.recompute_num_layers,
+        # Megatron-LM's defaults: the interleaved schedule overlaps (unbatched) p2p; batched p2p
+        # with PP=2 posts two sends to the same peer per batch, which gloo/NCCL can pair with
+        # the wrong receives (megatron/training/arguments.py asserts against it).
+        overlap_p2p_comm=par.virtual_pipeline_model_parallel_size is not None,
+        batch_p2p_comm=par.virtual_pipeline_model_parallel_size is None,
         # Precision.
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -128,7 +128,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path: Path) -> None
     step = int(re.match(r"step (\d+) signal SIGTERM", marker)[1])
     assert step >= 3
     assert find_latest_valid(run / "checkpoints") == run / "checkpoints" / checkpoint_name(step)
-    resumed = train(run, f"training.steps={step + 2}")
+    resumed = train(run, f"training.steps={step + 2}", "schedule.warmup_steps=1")
     _check(resumed)
     assert f"resumed from checkpoint at step {step}" in resumed.stdout
     assert f"step {step + 2}/{step + 2}" in resumed.stdout

@@ -31,11 +31,14 @@ def main(argv: list[str]) -> int:
         print("env_probe: no training.run_dir=... argument", file=sys.stderr)
         return 2
 
+    usr1_at_start = signal.getsignal(signal.SIGUSR1)
     got = {"signal": None}
 
     def handler(signum, _frame):
         got["signal"] = signal.Signals(signum).name
 
+    # Like the trainer, which installs its handlers only when its step loop starts.
+    time.sleep(float(os.environ.get("PROBE_HANDLER_DELAY", "0")))
     signal.signal(signal.SIGUSR1, handler)
     signal.signal(signal.SIGTERM, handler)
 
@@ -52,6 +55,7 @@ def main(argv: list[str]) -> int:
         "rank": rank,
         "world_size": world,
         "all_reduce_sum": t.item(),
+        "usr1_at_start": getattr(usr1_at_start, "name", str(usr1_at_start)),
         "hosts": hosts,
         "env": {
             k: os.environ.get(k)

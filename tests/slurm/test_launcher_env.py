@@ -139,3 +139,25 @@ def test_scancel_is_not_undone_by_a_requeue(slurm, tmp_path):
     assert rec["Restarts"] == "0"
     # The ranks still got the chance to checkpoint (SIGTERM reached them).
     wait_for(lambda: (run_dir / "preempted").exists(), 30, "the probe's marker after SIGTERM")
+
+
+def test_real_time_limit_warning_reaches_ranks_that_are_still_starting(slurm, tmp_path):
+    """Slurm's own --signal=B:USR1@secs (not scancel): with a 2-minute limit and a 110 s warning
+    the signal comes 0-10 s after the start (Slurm may send it up to 60 s early), i.e. while the
+    ranks are still "building the model" (no handler for 15 s). They must survive it (USR1 is
+    ignored until their handler is installed) and still get it (the batch shell re-sends it)."""
+    runs = tmp_path / "runs"
+    log = tmp_path / "tl.out"
+    env = _probe_env(runs, PROBE_WAIT_SIGNAL="1", PROBE_HANDLER_DELAY="15",
+                     MEGASPAN_SIGNAL_REPEAT="5", MEGASPAN_MAX_REQUEUES="1")
+    job = slurm.submit(["sbatch", "--parsable", "--job-name=tl", "--ntasks=2", "--time=2",
+                        "--signal=B:USR1@110", f"--output={log}", str(TRAIN_SBATCH)],
+                       env=env, cwd=tmp_path)
+    (rec,) = slurm.wait(job, timeout=300, log=log)
+    text = log.read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text
+    assert rec["Restarts"] == "1", text
+    first = _records(runs / f"tl-{job}", 0)
+    assert [r["signal"] for r in first] == ["SIGUSR1", "SIGUSR1"], text
+    assert {r["usr1_at_start"] for r in first} == {"SIG_IGN"}
+    assert "re-sending SIGUSR1" in text

@@ -6,11 +6,13 @@ token ids followed by the tokenizer's ``eod`` id; the EOD both separates documen
 GPTDataset packs them into fixed-length samples and guarantees no sequence has length 0 (a
 zero-length sequence makes ``GPTDataset._get_num_epochs`` loop forever).
 
-Parallelism: tokenization runs in a ``fork`` process pool with ordered ``imap``, so the output
-is byte-identical for any worker count. ``fork`` (what torch's DataLoader uses too) rather than
-``forkserver``/``spawn``: those re-import the caller's ``__main__``, which breaks callers without
-an ``if __name__ == "__main__"`` guard and costs seconds when that module imports megatron. The
-workers only run sentencepiece, which holds no locks across a fork.
+Parallelism: tokenization runs in a ``spawn`` process pool with ordered ``imap``, so the output
+is byte-identical for any worker count. ``spawn`` rather than ``fork`` because the caller (a
+trainer with torch, gloo/NCCL and dataloader threads) is multi-threaded, and a forked child of a
+threaded process can deadlock on a lock another thread held (seen in practice). The price is the
+usual spawn rule: a *script* that calls this at import time needs an
+``if __name__ == "__main__":`` guard (multiprocessing raises a clear error otherwise); the
+``megaspan`` CLI has one. Workers import only this module and sentencepiece, not megatron.
 
 Writes are atomic: the builder writes a hidden temp prefix that is renamed into place, ``.bin``
 first and ``.idx`` last, and :func:`is_complete` checks that the two agree, so an interrupted
@@ -179,7 +181,7 @@ def _encode_all(
     if workers <= 1:
         yield from (_encode_with(tokenizer, text) for text in texts)
         return
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
         yield from pool.imap(_encode, texts, chunksize=_CHUNKSIZE)
 

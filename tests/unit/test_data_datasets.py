@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 from collections import Counter
+from pathlib import Path
 
 import numpy
 import pytest
@@ -148,7 +151,7 @@ def test_empty_and_truncated_datasets_are_rejected(setup, tmp_path):
         assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-def _two_rank_worker(rank: int, port: int, cache: str, model: str, out) -> None:
+def _two_rank_worker(rank: int, port: int, cache: str, model: str, out_dir: str) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
     )
@@ -157,30 +160,25 @@ def _two_rank_worker(rank: int, port: int, cache: str, model: str, out) -> None:
         tok = build_tokenizer(TokenizerConfig(model=model), data_cfg)
         train, valid, _ = build_datasets(data_cfg, tok, seq_length=32, seed=5,
                                          num_samples=(64, 8, 0))
-        out.put((rank, train[3]["tokens"].tolist(), len(valid)))
+        result = {"tokens": train[3]["tokens"].tolist(), "valid": len(valid)}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_ranks_build_the_default_corpus_once_and_agree(setup, tmp_path):
-    """Rank 0 preprocesses and builds the indices; rank 1 waits, then reads the same cache."""
-    import multiprocessing
-    import socket
+    """Rank 0 preprocesses and builds the indices; rank 1 waits, then reads the same cache.
 
+    Spawned, not forked: forking this multi-threaded pytest process can deadlock the children.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     _, tok, _, _, _ = setup
-    ctx = multiprocessing.get_context("fork")  # megatron is already imported; spawn would redo it
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, str(tmp_path), str(tok.path), out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    assert results[0][1:] == results[1][1:]
+    torch.multiprocessing.spawn(
+        _two_rank_worker, args=(port, str(tmp_path), str(tok.path), str(tmp_path)), nprocs=2
+    )
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank0 == rank1
     assert len(list((tmp_path / "stdlib").iterdir())) == 1

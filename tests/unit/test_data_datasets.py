@@ -166,6 +166,7 @@ def _two_rank_worker(rank: int, port: int, cache: str, model: str, out_dir: str)
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_build_the_default_corpus_once_and_agree(setup, tmp_path):
     """Rank 0 preprocesses and builds the indices; rank 1 waits, then reads the same cache.

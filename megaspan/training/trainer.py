@@ -144,7 +144,15 @@ def _reduce_reported(losses: list[dict], layout: Layout, device: torch.device) -
 
 
 class Trainer:
-    def __init__(self, cfg: MegaspanConfig, objs: TrainingObjects, datasets, layout: Layout, log: MetricsLogger):
+    def __init__(
+        self,
+        cfg: MegaspanConfig,
+        objs: TrainingObjects,
+        datasets,
+        layout: Layout,
+        log: MetricsLogger,
+        preempt: PreemptionFlag,
+    ):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.cfg = cfg
@@ -155,7 +163,7 @@ class Trainer:
         self.device = runtime.device()
         self.fwd_bwd = get_forward_backward_func()
         self.step_fn = partial(forward_step, cfg.data.reset_attention_mask)
-        self.preempt = PreemptionFlag()
+        self.preempt = preempt
 
     # -- data ------------------------------------------------------------------------------
 
@@ -225,15 +233,6 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
 
     def run(self, progress: Progress) -> int:
-        cfg, tr = self.cfg, self.cfg.training
-        if tr.exit_on_signal:
-            self.preempt.install()
-        try:
-            return self._loop(progress)
-        finally:
-            self.preempt.restore()
-
-    def _loop(self, progress: Progress) -> int:
         cfg, tr = self.cfg, self.cfg.training
         if progress.step == 0:
             self.log.validation(0, self.evaluate())
@@ -343,6 +342,11 @@ def train(cfg: MegaspanConfig) -> int:
         init_num_microbatches_calculator,
     )
 
+    # Installed first: Slurm's SIGUSR1 warning may arrive during start-up, and its default
+    # action would kill the job; a flag raised before the loop stops it after its first step.
+    preempt = PreemptionFlag()
+    if cfg.training.exit_on_signal:
+        preempt.install()
     runtime.init_process_group()
     try:
         _seed_everything(cfg.training.seed, cfg.training.deterministic)
@@ -376,11 +380,14 @@ def train(cfg: MegaspanConfig) -> int:
             progress = Progress(0, 0)
             if resume is not None:
                 with cuda_free():
-                    progress = load_checkpoint(resume, objs.chunks, objs.optimizer, objs.scheduler)
+                    progress = load_checkpoint(
+                        resume, objs.chunks, objs.optimizer, objs.scheduler, cfg.checkpoint.load_optimizer
+                    )
                 log.info(f"resumed from checkpoint at step {progress.step} ({resume})")
-            return Trainer(cfg, objs, datasets, layout, log).run(progress)
+            return Trainer(cfg, objs, datasets, layout, log, preempt).run(progress)
         finally:
             log.close()
     finally:
         destroy_num_microbatches_calculator()
         runtime.destroy()
+        preempt.restore()

@@ -68,3 +68,11 @@ def test_global_batch_vs_dp():
     with pytest.raises(ConfigError) as exc:
         validate(cfg, world_size=2)
     assert "global_batch_size=6" in one_line(exc)
+
+
+def test_exponent_floats_without_dot_are_numbers():
+    cfg = load_config(None, ["optimizer.lr=1e-3", "model.layernorm_epsilon=1e-12"])
+    assert cfg.optimizer.lr == 1e-3 and cfg.model.layernorm_epsilon == 1e-12
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["optimizer.lr=fast"])
+    assert "optimizer.lr: expected a number" in one_line(exc)

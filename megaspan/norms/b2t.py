@@ -8,23 +8,19 @@ included; norms, biases and the router untouched) is multiplied by L^{-1/2}. Meg
 sigma/sqrt(2L) output-projection scaling is therefore *not* stacked on top. No final norm.
 """
 
-from megaspan.norms.base import LayerPlan, Placement, inv_sqrt, scale_weights
+from megaspan.norms.base import inv_sqrt, scale_weights
+from megaspan.norms.post import PostNorm
 
 ALL_BLOCK_WEIGHTS = ("qkv", "proj", "fc1", "fc2")
 
 
-class B2T(Placement):
+class B2T(PostNorm):
+    """Post-LN's norms and attention sublayer; only the MLP residual and the init differ."""
+
     name = "b2t"
     description = "B2T: N(x + A(x)) then N(x + y + F(y)); all block weights x L^-1/2; no final norm"
-    default_final_norm = False
     scaled_init = False
     block_spanning = True
-
-    def plan(self, layer_number: int) -> LayerPlan:
-        return LayerPlan(post_attn_norm=True, post_mlp_norm=True)
-
-    def attn_residual(self, layer, bda, out_with_bias, residual, p):
-        return layer.post_attn_norm(bda(out_with_bias, residual, p))
 
     def mlp_residual(self, layer, bda, out_with_bias, residual, p):
         # residual is y; the bottom-to-top term adds the block input x.

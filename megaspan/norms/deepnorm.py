@@ -8,13 +8,15 @@ of Megatron's fused, per-group interleaved QKV weight are scaled. No Megatron ou
 (torchscale has none) and no final norm.
 """
 
-from megaspan.norms.base import LayerPlan, Placement, scale_value_rows, scale_weights
+from megaspan.norms.base import scale_value_rows, scale_weights
+from megaspan.norms.post import PostNorm
 
 
-class DeepNorm(Placement):
+class DeepNorm(PostNorm):
+    """Post-LN's norms with an up-weighted skip."""
+
     name = "deepnorm"
     description = "DeepNorm: N(alpha x + A(x)), alpha=(2L)^1/4; v/proj/fc1/fc2 x beta=(8L)^-1/4"
-    default_final_norm = False
     scaled_init = False
 
     @property
@@ -28,9 +30,6 @@ class DeepNorm(Placement):
         if self.options.deepnorm_beta is not None:
             return self.options.deepnorm_beta
         return (8.0 * self.num_layers) ** -0.25
-
-    def plan(self, layer_number: int) -> LayerPlan:
-        return LayerPlan(post_attn_norm=True, post_mlp_norm=True)
 
     def attn_residual(self, layer, bda, out_with_bias, residual, p):
         return layer.post_attn_norm(bda(out_with_bias, self.alpha * residual, p))

@@ -152,6 +152,10 @@ class MetricsLogger:
             self.writer.close()
             self.writer = None
 
+    def scalars(self, scalars: dict[str, float], step: int) -> None:
+        """TensorBoard only (e.g. per-layer diagnostics, too many for the console)."""
+        self._scalars(scalars, step)
+
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
             return

@@ -29,6 +29,7 @@ from megaspan import runtime
 from megaspan.config.loader import ConfigError, config_to_dict, dump_config
 from megaspan.config.schema import MegaspanConfig
 from megaspan.training.batches import Batch, micro_batches
+from megaspan.training.diagnostics import LayerDiagnostics
 from megaspan.training.checkpoint import (
     Progress,
     find_latest_valid,
@@ -164,6 +165,9 @@ class Trainer:
         self.fwd_bwd = get_forward_backward_func()
         self.step_fn = partial(forward_step, cfg.data.reset_attention_mask)
         self.preempt = preempt
+        self.diagnostics = LayerDiagnostics(
+            objs.chunks, cfg.model.num_layers, cfg.logging.diagnostics_interval
+        )
 
     # -- data ------------------------------------------------------------------------------
 
@@ -190,13 +194,16 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def train_step(self, iterators) -> tuple[float, float | None]:
-        """One optimizer step over a global batch: returns (loss, grad norm)."""
+    def train_step(self, iterators, step: int) -> tuple[float, float | None]:
+        """Optimizer step number ``step`` over a global batch: returns (loss, grad norm)."""
         objs = self.objs
         for chunk in objs.model:
             chunk.zero_grad_buffer()
         objs.optimizer.zero_grad()
+        diagnose = self.diagnostics.arm(step)
         losses = self._run_schedule(iterators, forward_only=False)
+        if diagnose:  # before the optimizer step, which clips the gradients in place
+            self.log.scalars(self.diagnostics.collect(self.device), step)
         # The scheduler is stepped first so that update k uses lr(k): with warmup, Megatron's
         # optimizer-then-scheduler order spends the first update on lr = 0.
         objs.scheduler.step(increment=1)
@@ -243,7 +250,7 @@ class Trainer:
         last_saved = last_eval = progress.step
         while progress.step < tr.steps:
             t0 = time.perf_counter()
-            loss, grad_norm = self.train_step(iterators)
+            loss, grad_norm = self.train_step(iterators, progress.step + 1)
             progress = Progress(progress.step + 1, progress.consumed_samples + tr.global_batch_size)
             step_times.append(time.perf_counter() - t0)
             window_losses.append(loss)

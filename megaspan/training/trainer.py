@@ -244,8 +244,7 @@ class Trainer:
         if progress.step == 0:
             self.log.validation(0, self.evaluate())
         iterators = self._iterators(self.train_ds, progress.consumed_samples)
-        tokens_per_step = tr.global_batch_size * cfg.model.seq_length
-        window_start, window_losses = time.perf_counter(), []
+        window_losses: list[float] = []
         step_times: list[float] = []
         last_saved = last_eval = progress.step
         while progress.step < tr.steps:
@@ -256,21 +255,8 @@ class Trainer:
             window_losses.append(loss)
             step = progress.step
             if step % cfg.logging.log_interval == 0 or step == tr.steps:
-                elapsed = time.perf_counter() - window_start
-                # The first step of a process pays one-off costs; leave it out of the ETA.
-                recent = step_times[1:] or step_times
-                self.log.train_step(
-                    StepStats(
-                        step=step,
-                        loss=sum(window_losses) / len(window_losses),
-                        lr=self.objs.scheduler.get_lr(self.objs.optimizer.param_groups[0]),
-                        grad_norm=grad_norm,
-                        tokens_per_s=tokens_per_step * len(window_losses) / max(elapsed, 1e-9),
-                        loss_scale=self._loss_scale(),
-                    ),
-                    seconds_per_step=sum(recent[-20:]) / len(recent[-20:]),
-                )
-                window_start, window_losses = time.perf_counter(), []
+                self._log_window(step, window_losses, step_times, grad_norm)
+                window_losses = []
             if step % tr.eval_interval == 0:
                 self.log.validation(step, self.evaluate())
                 last_eval = step
@@ -288,6 +274,27 @@ class Trainer:
             self.save(progress)
         self.log.info(f"training finished at step {progress.step}")
         return 0
+
+    def _log_window(
+        self, step: int, losses: list[float], step_times: list[float], grad_norm: float | None
+    ) -> None:
+        """Log the mean loss of the steps since the last log line."""
+        tokens_per_step = self.cfg.training.global_batch_size * self.cfg.model.seq_length
+        # Step time only: validation and checkpoint time would understate throughput.
+        elapsed = sum(step_times[-len(losses):])
+        # The first step of a process pays one-off costs; leave it out of the ETA.
+        recent = (step_times[1:] or step_times)[-20:]
+        self.log.train_step(
+            StepStats(
+                step=step,
+                loss=sum(losses) / len(losses),
+                lr=self.objs.scheduler.get_lr(self.objs.optimizer.param_groups[0]),
+                grad_norm=grad_norm,
+                tokens_per_s=tokens_per_step * len(losses) / max(elapsed, 1e-9),
+                loss_scale=self._loss_scale(),
+            ),
+            seconds_per_step=sum(recent) / len(recent),
+        )
 
     def _loss_scale(self) -> float | None:
         if not self.objs.config.fp16:

@@ -52,7 +52,7 @@ ensure_shellcheck() {
 }
 
 is_shell_script() {  # by extension, else by shebang
-    case $1 in
+    case ${1##*/} in
         *.sh | *.sbatch | *.bash) return 0 ;;
         *.*) return 1 ;;
     esac
@@ -86,9 +86,10 @@ collect() {
     for dir in "${SHELL_DIRS[@]}"; do
         [[ -d $dir ]] || continue
         while IFS= read -r -d '' f; do
-            is_shell_script "$f" && SCRIPTS+=("$f")
+            if is_shell_script "$f"; then SCRIPTS+=("$f"); fi
         done < <(find "$dir" \( -name __pycache__ -o -name .pytest_cache \) -prune -o -type f -print0 | sort -z)
     done
+    return 0
 }
 
 collect "$@"

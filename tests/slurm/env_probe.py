@@ -39,8 +39,7 @@ def main(argv: list[str]) -> int:
 
     # Like the trainer, which installs its handlers only when its step loop starts.
     time.sleep(float(os.environ.get("PROBE_HANDLER_DELAY", "0")))
-    signal.signal(signal.SIGUSR1, handler)
-    signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGUSR1, signal.SIGTERM)}
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -86,6 +85,11 @@ def main(argv: list[str]) -> int:
           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    # Like the trainer's PreemptionFlag.restore(): back to the inherited disposition (SIG_IGN
+    # under train.sbatch). CPython resets signals that still have a Python handler to SIG_DFL
+    # at interpreter shutdown, where a late re-sent warning would otherwise kill the process.
+    for signum, old in previous.items():
+        signal.signal(signum, old)
     return 0
 
 

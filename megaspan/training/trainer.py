@@ -28,8 +28,8 @@ import torch.distributed as dist
 from megaspan import runtime
 from megaspan.config.loader import ConfigError, config_to_dict, dump_config
 from megaspan.config.schema import MegaspanConfig
+from megaspan.specs import resolve_impl
 from megaspan.training.batches import Batch, micro_batches
-from megaspan.training.diagnostics import LayerDiagnostics
 from megaspan.training.checkpoint import (
     Progress,
     find_latest_valid,
@@ -37,6 +37,7 @@ from megaspan.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from megaspan.training.diagnostics import LayerDiagnostics
 from megaspan.training.metrics import MetricsLogger, StepStats, flops_per_token
 from megaspan.training.setup import TrainingObjects, build_training_objects, cuda_free
 from megaspan.training.signals import PreemptionFlag
@@ -372,6 +373,7 @@ def train(cfg: MegaspanConfig) -> int:
         )
         vocab, datasets = _build_data(cfg)
         resume = resolve_resume(cfg)
+        resolve_impl(cfg.model.transformer_impl)  # BackendError now, not after the run dir exists
         _prepare_run_dir(cfg)
         objs = build_training_objects(cfg, vocab)
         m = cfg.model

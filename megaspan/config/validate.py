@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from megaspan.config.loader import ConfigError
 from megaspan.config.schema import MegaspanConfig
+from megaspan.config.to_mcore import ffn_hidden_size
 
 
 def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -33,6 +34,12 @@ def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | No
         ("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size),
         ("parallel.expert_model_parallel_size", par.expert_model_parallel_size),
         ("parallel.context_parallel_size", par.context_parallel_size),
+        ("parallel.expert_tensor_parallel_size", _or_one(par.expert_tensor_parallel_size)),
+        ("parallel.virtual_pipeline_model_parallel_size", _or_one(par.virtual_pipeline_model_parallel_size)),
+        ("parallel.num_layers_in_first_pipeline_stage", _or_one(par.num_layers_in_first_pipeline_stage)),
+        ("parallel.num_layers_in_last_pipeline_stage", _or_one(par.num_layers_in_last_pipeline_stage)),
+        ("model.moe.num_experts", _or_one(m.moe.num_experts)),
+        ("model.moe.router_topk", m.moe.router_topk),
         ("training.micro_batch_size", tr.micro_batch_size),
         ("training.global_batch_size", tr.global_batch_size),
     ):
@@ -63,6 +70,18 @@ def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | No
         )
     if par.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    if par.sequence_parallel and m.seq_length % tp:
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} is not divisible by parallel.tensor_model_parallel_size={tp}: "
+            "sequence parallelism splits the sequence across TP ranks"
+        )
+    ffn = ffn_hidden_size(m)
+    if ffn % tp:
+        raise ConfigError(
+            f"the FFN hidden size {ffn} (model.ffn_hidden_size) is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
+    _validate_parallel_options(cfg)
     if m.moe.num_experts:
         if m.moe.num_experts % ep:
             raise ConfigError(
@@ -76,13 +95,27 @@ def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | No
                 "MoE with parallel.tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "
                 "(Megatron-Core refuses MoE+TP without SP)"
             )
+        etp = par.expert_tensor_parallel_size or tp
+        expert_ffn = m.moe.ffn_hidden_size or ffn
+        if expert_ffn % etp:
+            raise ConfigError(
+                f"the expert FFN size {expert_ffn} (model.moe.ffn_hidden_size) is not divisible by the "
+                f"expert tensor-parallel size {etp} (parallel.expert_tensor_parallel_size, default = TP)"
+            )
         if m.moe.grouped_gemm and not cuda:
             raise ConfigError("model.moe.grouped_gemm=true needs a GPU; set it to false on CPU")
     elif ep > 1:
         raise ConfigError("parallel.expert_model_parallel_size > 1 needs an MoE model (set model.moe.num_experts)")
+    elif par.expert_tensor_parallel_size is not None:
+        raise ConfigError("parallel.expert_tensor_parallel_size needs an MoE model (set model.moe.num_experts)")
     if cp > 1 and not cuda:
         raise ConfigError(
             "parallel.context_parallel_size > 1 needs Transformer Engine attention on GPUs; set it to 1 on CPU"
+        )
+    if cp > 1 and m.seq_length % (2 * cp):
+        # Load-balanced CP gives each rank two chunks of the sequence (one early, one late).
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} is not divisible by 2 x parallel.context_parallel_size = {2 * cp}"
         )
     if prec.fp8 is not None:
         from megaspan.specs import te_available
@@ -117,6 +150,19 @@ def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | No
                 f"training.global_batch_size={tr.global_batch_size} is not divisible by "
                 f"training.micro_batch_size x data-parallel size = {tr.micro_batch_size} x {dp}"
             )
+        microbatches = tr.global_batch_size // (tr.micro_batch_size * dp)
+        if par.virtual_pipeline_model_parallel_size and microbatches % pp:
+            # The interleaved schedule runs micro-batches in groups of PP per virtual stage.
+            raise ConfigError(
+                f"the interleaved pipeline schedule needs the number of micro-batches per step "
+                f"({microbatches} = global_batch_size / (micro_batch_size x DP {dp})) to be a multiple of "
+                f"parallel.pipeline_model_parallel_size={pp}"
+            )
+
+
+def _or_one(value: int | None) -> int:
+    """An optional size: None means 'unset' (valid), but an explicit 0 must still be rejected."""
+    return 1 if value is None else value
 
 
 def _validate_pipeline(cfg: MegaspanConfig) -> None:
@@ -149,3 +195,25 @@ def _validate_pipeline(cfg: MegaspanConfig) -> None:
                 f"parallel.num_layers_in_{name}_pipeline_stage={value} is not divisible by "
                 f"virtual_pipeline_model_parallel_size={vp}"
             )
+
+
+def _validate_parallel_options(cfg: MegaspanConfig) -> None:
+    """Recompute and overlap switches (Megatron's TransformerConfig and arguments.py rules)."""
+    par = cfg.parallel
+    granularity, method = par.recompute_granularity, par.recompute_method
+    if granularity == "full" and (method is None or par.recompute_num_layers is None):
+        raise ConfigError(
+            "parallel.recompute_granularity=full needs parallel.recompute_method (uniform or block) "
+            "and parallel.recompute_num_layers"
+        )
+    if granularity != "full" and (method is not None or par.recompute_num_layers is not None):
+        raise ConfigError(
+            "parallel.recompute_method/recompute_num_layers only apply to parallel.recompute_granularity=full"
+        )
+    if par.recompute_num_layers is not None and par.recompute_num_layers < 1:
+        raise ConfigError(f"parallel.recompute_num_layers must be >= 1, got {par.recompute_num_layers}")
+    if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
+        raise ConfigError(
+            "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true "
+            "and parallel.overlap_grad_reduce=true"
+        )

@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, rest[-2000:]
-    assert time.monotonic() - signalled_at < 60
+    assert time.monotonic() - signalled_at < 90  # one step + one checkpoint, on a loaded 2-core box
     marker = (run / "preempted").read_text()
     step = int(re.match(r"step (\d+) signal SIGTERM", marker)[1])
     assert step >= 3

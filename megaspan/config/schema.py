@@ -194,6 +194,9 @@ class CheckpointConfig:
     keep_last: Optional[int] = 3
     """Delete older checkpoints beyond this many; None keeps all."""
     save_at_end: bool = True
+    load_optimizer: bool = True
+    """False: take only the model weights from checkpoint.resume=<path>; optimizer, LR schedule and
+    step start fresh (fine-tuning, or moving to a layout or optimizer type whose state you drop)."""
 
 
 @dataclass(kw_only=True)

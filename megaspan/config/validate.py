@@ -133,6 +133,11 @@ def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | No
             "raise max_position_embeddings or shorten seq_length"
         )
     _validate_pipeline(cfg)
+    if not cfg.checkpoint.load_optimizer and cfg.checkpoint.resume in ("auto", "none"):
+        # With 'auto', every restart of the new run would drop its own optimizer state again.
+        raise ConfigError(
+            "checkpoint.load_optimizer=false needs checkpoint.resume=<path of the checkpoint to take weights from>"
+        )
     if world_size is not None:
         model_parallel = tp * pp * cp
         if world_size % model_parallel:

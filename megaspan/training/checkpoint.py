@@ -138,6 +138,13 @@ _SHARDING_METADATA = {
 }
 
 
+def _sharding_metadata() -> dict[str, Any]:
+    """A fresh copy per call: Megatron stores the current data-parallel group into the metadata
+    dict in place (``ensure_metadata_has_dp_cp_group``), so a shared dict would carry a stale
+    group, and wrong replica ids, into the next save or load after the parallel layout changes."""
+    return dict(_SHARDING_METADATA)
+
+
 _LAYERS_PREFIX = "decoder.layers."
 
 
@@ -200,8 +207,14 @@ def _unstack_irregular_layers(model_state: dict) -> None:
         )
 
 
-def _model_state(chunk) -> dict:
-    state = chunk.sharded_state_dict(metadata=_SHARDING_METADATA)
+def _model_states(chunks: list) -> dict:
+    """``{"model<i>": sharded state of chunk i}`` with irregular per-layer tensors unstacked.
+
+    All chunks are unstacked together: with virtual pipeline stages a rank's chunks hold
+    different layers, and a key is irregular only if it is missing from layers of the whole
+    model, not merely from one chunk's (otherwise VPP checkpoints would not load into PP/TP1).
+    """
+    state = {f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)}
     _unstack_irregular_layers(state)
     return state
 
@@ -211,10 +224,10 @@ def _sharded_state_dict(
 ) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state: dict[str, Any] = {f"model{i}": _model_state(chunk) for i, chunk in enumerate(chunks)}
+    state: dict[str, Any] = _model_states(chunks)
     # The optimizer maps its per-parameter state onto the model's sharded tensors.
     state["optimizer"] = optimizer.sharded_state_dict(
-        dict(state), is_loading=is_loading, metadata=_SHARDING_METADATA
+        dict(state), is_loading=is_loading, metadata=_sharding_metadata()
     )
     state["scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -296,12 +309,18 @@ def prune(ckpt_dir: Path, keep_last: int | None, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, chunks: list, optimizer, scheduler) -> Progress:
-    """Restore model, optimizer, scheduler and (same world size only) RNG state from ``path``."""
+def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, load_optimizer: bool = True) -> Progress:
+    """Restore model, optimizer, scheduler and (same world size only) RNG state from ``path``.
+
+    ``load_optimizer=False`` restores the model weights only and returns step 0: the optimizer
+    and scheduler keep their fresh state (Megatron-LM's ``--finetune``).
+    """
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
     assert meta is not None, f"{path} is not a complete checkpoint"
+    if not load_optimizer:
+        return _load_weights_only(path, chunks, optimizer)
     # RNG states are per rank; after a world-size change there is no state to give a rank, so
     # it keeps its fresh seed (the model and optimizer still reshard exactly).
     with_rng = meta["world_size"] == dist.get_world_size()
@@ -316,3 +335,15 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler) -> Progress:
     if with_rng:
         set_rng_state(state["rng_state"])
     return Progress(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
+
+
+def _load_weights_only(path: Path, chunks: list, optimizer) -> Progress:
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_model_states(chunks), str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"])
+    # Mixed-precision and distributed optimizers keep fp32 main copies of the weights; without
+    # this they would overwrite the loaded weights with the fresh init at the first step.
+    optimizer.reload_model_params()
+    return Progress(step=0, consumed_samples=0)

@@ -55,6 +55,7 @@ BAD = [
      "only apply to parallel.recompute_granularity=full"),
     (["parallel.overlap_param_gather=true"], 1, False, "overlap_param_gather=true needs parallel.use_distributed_optimizer"),
     (["parallel.tensor_model_parallel_size=0"], 1, False, "tensor_model_parallel_size must be >= 1"),
+    (["checkpoint.load_optimizer=false"], 1, False, "checkpoint.load_optimizer=false needs checkpoint.resume=<path"),
 ]
 
 

@@ -329,6 +329,26 @@ def _total_params(objs: TrainingObjects) -> int:
     return int(count.item())
 
 
+def _restore(cfg: MegaspanConfig, resume: Path | None, objs: TrainingObjects, log: MetricsLogger) -> Progress:
+    """Load the checkpoint to start from; Progress(0, 0) for a fresh run."""
+    if resume is None:
+        return Progress(0, 0)
+    # A weights-only start (fine-tuning) happens once: a restarted run (Slurm requeue) continues
+    # from its own latest checkpoint with its full state instead of starting over.
+    own = None if cfg.checkpoint.load_optimizer else find_latest_valid(checkpoint_dir(cfg))
+    weights_only = not cfg.checkpoint.load_optimizer and own is None
+    path = own or resume
+    with cuda_free():
+        progress = load_checkpoint(
+            path, objs.chunks, objs.optimizer, objs.scheduler, load_optimizer=not weights_only
+        )
+    if weights_only:
+        log.info(f"loaded model weights from {path}; optimizer, schedule and step start fresh")
+    else:
+        log.info(f"resumed from checkpoint at step {progress.step} ({path})")
+    return progress
+
+
 def _build_data(cfg: MegaspanConfig):
     """(vocab size, (train, valid, test)) on every rank; rank 0 builds caches first."""
     from megaspan.data.datasets import build_datasets
@@ -393,13 +413,7 @@ def train(cfg: MegaspanConfig) -> int:
                 f"(dp {layout.dp_size}), {layout.num_microbatches} micro-batches/step, "
                 f"dtype {objs.config.params_dtype}, run dir {run_dir(cfg)}"
             )
-            progress = Progress(0, 0)
-            if resume is not None:
-                with cuda_free():
-                    progress = load_checkpoint(
-                        resume, objs.chunks, objs.optimizer, objs.scheduler, cfg.checkpoint.load_optimizer
-                    )
-                log.info(f"resumed from checkpoint at step {progress.step} ({resume})")
+            progress = _restore(cfg, resume, objs, log)
             return Trainer(cfg, objs, datasets, layout, log, preempt).run(progress)
         finally:
             log.close()

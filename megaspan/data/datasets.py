@@ -30,8 +30,10 @@ Cache layout under ``data.cache_dir`` (default ``~/.cache/megaspan``)::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,10 +106,36 @@ def build_datasets(
         create_attention_mask=create_attention_mask,
         **split_source,
     )
-    train, valid, test = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank, config
-    ).build()
+    with _index_cache_lock(cache / "index_cache"):
+        train, valid, test = BlendedMegatronDatasetBuilder(
+            GPTDataset, list(num_samples), is_built_on_rank, config
+        ).build()
     return train, valid, test
+
+
+@contextlib.contextmanager
+def _index_cache_lock(path_to_cache: Path) -> Iterator[None]:
+    """Serialize index-cache builds of *different jobs* sharing one cache dir.
+
+    Megatron writes its ``.npy`` index files one by one, and a second job seeing some of them
+    skips building and reads a file that is not there yet (seen with concurrent sweep cells).
+    Only global rank 0 takes the lock: within a job Megatron builds on rank 0 first and the
+    others read after a barrier *inside* ``build()``, so locking on every rank would deadlock.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        yield
+        return
+    path_to_cache.mkdir(parents=True, exist_ok=True)
+    with open(path_to_cache / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _user_blend(data_cfg: DataConfig, num_samples: Sequence[int | None]) -> Blend:

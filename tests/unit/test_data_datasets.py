@@ -183,3 +183,28 @@ def test_two_ranks_build_the_default_corpus_once_and_agree(setup, tmp_path):
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert rank0 == rank1
     assert len(list((tmp_path / "stdlib").iterdir())) == 1
+
+
+def test_index_cache_builds_of_concurrent_jobs_are_serialized(setup, tmp_path):
+    """A second job sharing the cache waits for the first job's index build to finish
+    (Megatron writes its index files one by one; a reader in between would miss some)."""
+    import fcntl
+    import threading
+    import time
+
+    root, tok, _, _, _ = setup
+    cfg = DataConfig(paths=[str(root / "a")], split="90,10,0", cache_dir=str(tmp_path))
+    lock_path = tmp_path / "index_cache" / ".lock"
+    lock_path.parent.mkdir(parents=True)
+    result: dict = {}
+    with open(lock_path, "w") as other_job:
+        fcntl.flock(other_job, fcntl.LOCK_EX)
+        worker = threading.Thread(
+            target=lambda: result.update(ds=build_datasets(cfg, tok, seq_length=16, seed=3, num_samples=(20, 2, 0)))
+        )
+        worker.start()
+        time.sleep(2.0)
+        assert worker.is_alive() and not list(lock_path.parent.glob("*.npy"))
+        fcntl.flock(other_job, fcntl.LOCK_UN)
+    worker.join(timeout=120)
+    assert not worker.is_alive() and len(result["ds"][0]) >= 20

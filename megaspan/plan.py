@@ -25,11 +25,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from megaspan.config.loader import ConfigError
 from megaspan.config.schema import MegaspanConfig
-from megaspan.config.to_mcore import ffn_hidden_size, padded_vocab_size, resolve_dtype
+
+# torch, Megatron and megaspan.config.to_mcore are imported inside the functions: the CLI
+# registers this command on every start, and `megaspan --help` must stay fast.
 
 GIB = 1024**3
 
@@ -153,6 +153,8 @@ def fake_rank(cfg: MegaspanConfig, world_size: int, rank: int) -> Iterator[None]
 
 def _build_meta(cfg: MegaspanConfig, vocab_size: int) -> list:
     """This (fake) rank's model chunks with shapes only."""
+    import torch
+
     from megaspan.models import build_model
 
     # cuda=False keeps Megatron on its CPU-initialization path, which the meta device turns
@@ -227,6 +229,8 @@ def _activation_bytes_per_layer(cfg: MegaspanConfig, layout: Layout) -> float:
     Dense layer: s*b*h*34, split over TP except 10*sbh without sequence parallelism; MoE layers
     scale the MLP's 19*sbh by top-k and the expert FFN size relative to 4h.
     """
+    from megaspan.config.to_mcore import ffn_hidden_size
+
     m, par = cfg.model, cfg.parallel
     sbh = (m.seq_length / layout.cp) * cfg.training.micro_batch_size * m.hidden_size
     mlp = 19.0
@@ -252,6 +256,10 @@ def _layers_in_flight(layout: Layout, stage: int, layers_on_rank: int) -> float:
 
 
 def estimate_memory(cfg: MegaspanConfig, layout: Layout, shard: Shard, stage: int, vocab: int) -> Memory:
+    import torch
+
+    from megaspan.config.to_mcore import resolve_dtype
+
     dtype = resolve_dtype(cfg.precision, cuda=True)
     weight_bytes = torch.finfo(dtype).bits // 8
     grad_bytes = 4 if cfg.precision.grad_reduce_in_fp32 else weight_bytes
@@ -311,6 +319,8 @@ def _quiet_megatron() -> Iterator[None]:
 
 
 def _plan(cfg: MegaspanConfig, world_size: int) -> Plan:
+    from megaspan.config.to_mcore import padded_vocab_size
+
     layout = layout_of(cfg, world_size)
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     result = Plan(layout=layout, vocab_size=padded_vocab_size(vocab, layout.tp))

@@ -285,6 +285,8 @@ def save_checkpoint(
             "step": step,
             "consumed_samples": progress.consumed_samples,
             "world_size": dist.get_world_size(),
+            # Its optimizer-state format differs from the plain optimizer's (checked on load).
+            "distributed_optimizer": _is_distributed(optimizer),
             "saved_at": time.time(),
         }
         _write_atomic(tmp / META_FILE, json.dumps(meta))
@@ -321,6 +323,15 @@ def load_checkpoint(path: Path, chunks: list, optimizer, scheduler, load_optimiz
     assert meta is not None, f"{path} is not a complete checkpoint"
     if not load_optimizer:
         return _load_weights_only(path, chunks, optimizer)
+    saved_distributed = meta.get("distributed_optimizer")
+    if saved_distributed is not None and saved_distributed != _is_distributed(optimizer):
+        from megaspan.config.loader import ConfigError
+
+        raise ConfigError(
+            f"{path} holds {'distributed' if saved_distributed else 'non-distributed'}-optimizer state: resume "
+            f"with parallel.use_distributed_optimizer={str(saved_distributed).lower()}, or take only the "
+            "weights with checkpoint.load_optimizer=false"
+        )
     # RNG states are per rank; after a world-size change there is no state to give a rank, so
     # it keeps its fresh seed (the model and optimizer still reshard exactly).
     with_rng = meta["world_size"] == dist.get_world_size()
@@ -347,3 +358,11 @@ def _load_weights_only(path: Path, chunks: list, optimizer) -> Progress:
     # this they would overwrite the loaded weights with the fresh init at the first step.
     optimizer.reload_model_params()
     return Progress(step=0, consumed_samples=0)
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(part, DistributedOptimizer) for part in parts)
+

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megaspan.config.loader import load_config
+from megaspan.config.loader import ConfigError, load_config
 from megaspan.config.schema import MegaspanConfig
 
 VOCAB = 128
@@ -219,7 +219,10 @@ def reload_case(job: Reload) -> dict:
 
     cfg = layout_config(job.placement, job.moe, job.layout, tempfile.mkdtemp(prefix="megaspan-reload-"))
     trainer = _trainer(cfg)
-    progress = _load(trainer, job.checkpoint, job.load_optimizer)
+    try:
+        progress = _load(trainer, job.checkpoint, job.load_optimizer)
+    except ConfigError as exc:  # a refused load is a result too (its message is tested)
+        return dict(error=str(exc))
     valid = trainer.evaluate()
     losses = []
     if job.load_optimizer:

@@ -129,19 +129,12 @@ def fake_rank(cfg: MegaspanConfig, world_size: int, rank: int) -> Iterator[None]
     from megatron.core import parallel_state as ps
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    par = cfg.parallel
+    from megaspan.runtime.distributed import parallel_sizes
+
     dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=par.tensor_model_parallel_size,
-            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
-            context_parallel_size=par.context_parallel_size,
-            expert_model_parallel_size=par.expert_model_parallel_size,
-            expert_tensor_parallel_size=par.expert_tensor_parallel_size,
-            # The fake backend has no gloo counterpart to create.
-            create_gloo_process_groups=False,
-        )
+        # The fake backend has no gloo counterpart to create.
+        ps.initialize_model_parallel(**parallel_sizes(cfg.parallel), create_gloo_process_groups=False)
         yield
     finally:
         ps.destroy_model_parallel()

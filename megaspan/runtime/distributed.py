@@ -70,6 +70,18 @@ def init_process_group(timeout_s: int = 600) -> DistEnv:
     return denv
 
 
+def parallel_sizes(parallel) -> dict:
+    """``parallel_state.initialize_model_parallel`` size kwargs for a ParallelConfig."""
+    return dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+
+
 def initialize_model_parallel(parallel, seed: int) -> None:
     """Create Megatron's TP/PP/EP/CP/DP groups and seed its RNG tracker.
 
@@ -79,14 +91,7 @@ def initialize_model_parallel(parallel, seed: int) -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-    )
+    parallel_state.initialize_model_parallel(**parallel_sizes(parallel))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

@@ -23,4 +23,4 @@ if ! command -v shellcheck >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
         || echo "tools/test.sh: could not install shellcheck" >&2
 fi
 
-PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q "$@"
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -109,6 +109,11 @@ def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None)
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_grouped_gemm=moe.grouped_gemm,
     )
+    if placement.layer_dependent_slots:
+        # Megatron stacks each per-layer tensor along a global layer axis in checkpoints, which
+        # dist_checkpointing rejects when a norm exists in only some layers (SpanNorm's block-0
+        # N0, Mix-LN's switch, HybridNorm*'s block 0): give every layer its own keys instead.
+        kwargs["hetereogenous_dist_checkpoint"] = True
     if not placement.scaled_init:
         # TransformerConfig defaults output projections to sigma/sqrt(2L); these placements
         # define their own depth scaling (or none) and must not stack Megatron's on top.

@@ -14,6 +14,7 @@ Everything else (building modules, TP/SP/EP/PP, recompute, checkpoints) is share
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -82,6 +83,12 @@ class Placement:
 
     def init_std(self, hidden_size: int, requested: float | None) -> float:
         return 0.02 if requested is None else requested
+
+    @property
+    def layer_dependent_slots(self) -> bool:
+        """Do layers differ in which norm modules (parameters) they own?"""
+        slots = {dataclasses.replace(self.plan(l), norm_scale=1.0) for l in range(1, self.num_layers + 1)}
+        return len(slots) > 1
 
     # --- equations ---------------------------------------------------------------------------
     def attn_residual(self, layer, bda: BDA, out_with_bias: tuple, residual: Tensor, p: float) -> Tensor:

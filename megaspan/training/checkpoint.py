@@ -145,78 +145,14 @@ def _sharding_metadata() -> dict[str, Any]:
     return dict(_SHARDING_METADATA)
 
 
-_LAYERS_PREFIX = "decoder.layers."
-
-
-def _layer_stacked(container: dict) -> list[tuple[dict, str]]:
-    """(dict, key) of every ShardedTensor stacked along Megatron's leading layer axis."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    found = []
-    for key, value in container.items():
-        if isinstance(value, dict):
-            found.extend(_layer_stacked(value))
-        elif (
-            isinstance(value, ShardedTensor)
-            and value.key.startswith(_LAYERS_PREFIX)
-            and value.prepend_axis_num >= 1
-        ):
-            found.append((container, key))
-    return found
-
-
-def _unstack_irregular_layers(model_state: dict) -> None:
-    """Give tensors that exist in only some layers one checkpoint key per layer.
-
-    Megatron stacks each per-layer tensor along a global ``num_layers`` axis, which
-    dist_checkpointing rejects when the tensor is missing from some layers, as placements
-    with layer-dependent norms have (SpanNorm's N0 lives in block 0 only; Mix-LN switches
-    norms at a depth). Which layers hold a key is gathered over the pipeline group, so all
-    ranks agree; regular tensors keep Megatron's stacked layout (and its resharding).
-    """
-    import dataclasses
-
-    from megatron.core import parallel_state as ps
-
-    entries = _layer_stacked(model_state)
-    local: dict[str, set[int]] = {}
-    for container, key in entries:
-        tensor = container[key]
-        local.setdefault(tensor.key, set()).add(tensor.global_offset[0])
-    gathered: list[dict[str, set[int]]] = [local]
-    group = ps.get_pipeline_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        gathered = [{} for _ in range(dist.get_world_size(group))]
-        dist.all_gather_object(gathered, local, group=group)
-    layers: dict[str, set[int]] = {}
-    for part in gathered:
-        for name, indices in part.items():
-            layers.setdefault(name, set()).update(indices)
-    for container, key in entries:
-        tensor = container[key]
-        if len(layers[tensor.key]) == tensor.global_shape[0]:
-            continue
-        layer = tensor.global_offset[0]
-        container[key] = dataclasses.replace(
-            tensor,
-            key=f"{_LAYERS_PREFIX}{layer}.{tensor.key[len(_LAYERS_PREFIX):]}",
-            global_shape=tensor.global_shape[1:],
-            global_offset=tensor.global_offset[1:],
-            axis_fragmentations=tensor.axis_fragmentations[1:],
-            prepend_axis_num=tensor.prepend_axis_num - 1,
-        )
-
-
 def _model_states(chunks: list) -> dict:
-    """``{"model<i>": sharded state of chunk i}`` with irregular per-layer tensors unstacked.
+    """``{"model<i>": sharded state of chunk i}``.
 
-    All chunks are unstacked together: with virtual pipeline stages a rank's chunks hold
-    different layers, and a key is irregular only if it is missing from layers of the whole
-    model, not merely from one chunk's (otherwise VPP checkpoints would not load into PP/TP1).
+    Placements whose layers own different norms (SpanNorm's block-0 N0, Mix-LN) get per-layer
+    checkpoint keys from Megatron itself (``hetereogenous_dist_checkpoint``, set in to_mcore),
+    so the layouts stay reshardable without any rewriting here.
     """
-    state = {f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)}
-    _unstack_irregular_layers(state)
-    return state
+    return {f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)}
 
 
 def _sharded_state_dict(

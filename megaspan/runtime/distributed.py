@@ -48,14 +48,18 @@ def init_process_group(timeout_s: int = 600) -> DistEnv:
     if dist.is_initialized():
         return denv
     if denv.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    for var in ("MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
-            raise RuntimeError(
-                f"{var} is not set for a {denv.world_size}-process run: launch with torchrun, "
-                f"launch/slurm/train.sbatch, or export {var}"
-            )
+        # A single process rendezvouses with nobody: use a private port and leave os.environ
+        # alone, so an inherited MASTER_PORT (or one this process exported) never collides with
+        # a parent's or a child's store.
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+    else:
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(
+                    f"{var} is not set for a {denv.world_size}-process run: launch with torchrun, "
+                    f"launch/slurm/train.sbatch, or export {var}"
+                )
+        init_method = "env://"
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
         backend = "nccl"
@@ -63,6 +67,7 @@ def init_process_group(timeout_s: int = 600) -> DistEnv:
         backend = "gloo"
     dist.init_process_group(
         backend,
+        init_method=init_method,
         rank=denv.rank,
         world_size=denv.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -82,3 +82,22 @@ def test_cpu_rng_tracker_fork_restores_state(single_process_group):
     with tensor_parallel.get_cuda_rng_tracker().fork():
         again = torch.rand(3)
     assert not torch.equal(inside, again)  # the forked stream advanced
+
+
+def test_single_process_ignores_an_inherited_busy_master_port():
+    """A world-size-1 run (e.g. `megaspan train` started from a process that holds its own
+    store) must not try to bind the MASTER_PORT it inherited."""
+    import os
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(busy.getsockname()[1]))
+        code = (
+            "from megaspan.runtime import init_process_group, destroy\n"
+            "init_process_group(timeout_s=60); destroy(); print('ok')\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -135,7 +135,6 @@ class DataConfig:
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
-    num_workers: int = 0
 
 
 @dataclass(kw_only=True)

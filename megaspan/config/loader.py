@@ -17,12 +17,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from megaspan.config.schema import MegaspanConfig
+from megaspan.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
-
-class ConfigError(ValueError):
-    """A bad configuration. Its message is one line naming the key and the fix."""
 
 
 def _type_name(tp: Any) -> str:

@@ -8,16 +8,6 @@ tokenizer CLI and preprocessing worker processes start instantly.
 
 from __future__ import annotations
 
-
-class DataError(ValueError):
-    """A user-facing data problem (missing file, empty corpus, bad blend).
-
-    The message is always a single line that names the offending path or value and the fix, so
-    the CLI can print it verbatim and exit 2 without a traceback.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message.replace("\r", " ").replace("\n", " "))
-
+from megaspan.errors import DataError
 
 __all__ = ["DataError"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from megaspan.errors import ConfigError
 from megaspan.norms.base import LayerPlan, Placement
 
 _MODULES = (
@@ -42,7 +43,7 @@ def _load() -> None:
                 register(obj)
 
 
-class UnknownPlacementError(ValueError):
+class UnknownPlacementError(ConfigError):
     pass
 
 

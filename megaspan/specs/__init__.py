@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megaspan.errors import BackendError
 from megaspan.norms.base import LayerPlan, Placement
 from megaspan.norms.layer import (
     NormPlacementSubmodules,
@@ -40,10 +41,6 @@ from megaspan.norms.layer import (
     QKVNormSelfAttentionSubmodules,
 )
 from megaspan.norms.modules import HeadNorm, SPNorm
-
-
-class BackendError(RuntimeError):
-    pass
 
 
 def te_available() -> bool:

@@ -374,35 +374,3 @@ def format_plan(p: Plan) -> str:
         "2022 (fused attention, peak 1F1B depth); allocator overhead and buffers are not included"
     )
     return "\n".join(lines)
-
-
-# ---- command line ---------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    """Add ``megaspan plan`` to the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "plan",
-        help="dry-run a parallel layout: validate it and size every GPU (no GPUs needed)",
-        description="Validate the layout for --world-size GPUs and print per-GPU parameter counts "
-        "(per pipeline stage; TP and EP ranks of a stage are equal) and a memory estimate. "
-        "Settings come from the defaults, then --config, then dotted overrides.",
-    )
-    p.add_argument("--config", metavar="RECIPE", default="default",
-                   help="YAML recipe: a path or a shipped name (default, tiny); default: default")
-    p.add_argument("--world-size", type=int, required=True, metavar="N", help="number of GPUs")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.set_defaults(func=_cmd_plan)
-
-
-def _cmd_plan(args) -> int:
-    import json
-
-    from megaspan.config.loader import load_config
-
-    if args.world_size < 1:
-        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
-    result = plan(load_config(args.config, args.overrides), args.world_size)
-    print(json.dumps(result.to_dict(), indent=1) if args.json else format_plan(result))
-    return 0

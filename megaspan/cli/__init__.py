@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_info(subparsers)
     _add_data_commands(subparsers)
-    __import__("megaspan.plan").plan.register(subparsers)  # `megaspan plan` (layout dry-run)
+    from megaspan.cli import plan
+
+    plan.register(subparsers)
     return parser
 
 

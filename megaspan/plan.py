@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from megaspan.config.loader import ConfigError
 from megaspan.config.schema import MegaspanConfig
 
-# torch, Megatron and megaspan.config.to_mcore are imported inside the functions: the CLI
+# torch, Megatron and megaspan.models are imported inside the functions: the CLI
 # registers this command on every start, and `megaspan --help` must stay fast.
 
 GIB = 1024**3
@@ -222,7 +222,7 @@ def _activation_bytes_per_layer(cfg: MegaspanConfig, layout: Layout) -> float:
     Dense layer: s*b*h*34, split over TP except 10*sbh without sequence parallelism; MoE layers
     scale the MLP's 19*sbh by top-k and the expert FFN size relative to 4h.
     """
-    from megaspan.config.to_mcore import ffn_hidden_size
+    from megaspan.config.derived import ffn_hidden_size
 
     m, par = cfg.model, cfg.parallel
     sbh = (m.seq_length / layout.cp) * cfg.training.micro_batch_size * m.hidden_size
@@ -251,7 +251,7 @@ def _layers_in_flight(layout: Layout, stage: int, layers_on_rank: int) -> float:
 def estimate_memory(cfg: MegaspanConfig, layout: Layout, shard: Shard, stage: int, vocab: int) -> Memory:
     import torch
 
-    from megaspan.config.to_mcore import resolve_dtype
+    from megaspan.models.mcore_config import resolve_dtype
 
     dtype = resolve_dtype(cfg.precision, cuda=True)
     weight_bytes = torch.finfo(dtype).bits // 8
@@ -312,7 +312,7 @@ def _quiet_megatron() -> Iterator[None]:
 
 
 def _plan(cfg: MegaspanConfig, world_size: int) -> Plan:
-    from megaspan.config.to_mcore import padded_vocab_size
+    from megaspan.models.mcore_config import padded_vocab_size
 
     layout = layout_of(cfg, world_size)
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size

@@ -24,8 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from megaspan.data import DataError
 
     errors: list[type[BaseException]] = [ConfigError, DataError]
-    if "megaspan.specs" in sys.modules:  # only raised after the specs module was imported
-        errors.append(sys.modules["megaspan.specs"].BackendError)
+    from megaspan.errors import BackendError  # torch-free (megaspan.specs moved to megaspan.models)
+
+    errors.append(BackendError)
     return tuple(errors)
 
 

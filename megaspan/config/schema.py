@@ -3,7 +3,7 @@
 Every run is described by one :class:`MegaspanConfig`. YAML recipes (``megaspan/config/recipes``)
 and dotted CLI overrides (``model.num_layers=48``) are loaded into it by
 :mod:`megaspan.config.loader`, which rejects unknown keys and wrong types. The single mapping
-to Megatron-Core's ``TransformerConfig`` lives in :mod:`megaspan.config.to_mcore`.
+to Megatron-Core's ``TransformerConfig`` lives in :mod:`megaspan.models.mcore_config`.
 
 Field docstrings sit on the line after the field (torchtitan style) and are shown by
 ``megaspan config --explain``.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from megaspan.config.loader import ConfigError
 from megaspan.config.schema import MegaspanConfig
-from megaspan.config.to_mcore import ffn_hidden_size
+from megaspan.config.derived import ffn_hidden_size
 
 
 def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -118,7 +118,7 @@ def validate(cfg: MegaspanConfig, world_size: int | None = None, cuda: bool | No
             f"model.seq_length={m.seq_length} is not divisible by 2 x parallel.context_parallel_size = {2 * cp}"
         )
     if prec.fp8 is not None:
-        from megaspan.specs import te_available
+        from megaspan.models.backend import te_available
 
         if not te_available():
             raise ConfigError(

@@ -59,7 +59,7 @@ class NormPlacementTransformerLayer(TransformerLayer):
             # pipeline stage): the norm layout would silently belong to a different layer.
             raise RuntimeError(
                 f"layer {self.layer_number}: spec plan {plan} != placement plan "
-                f"{placement.plan(self.layer_number)}; build specs with megaspan.specs"
+                f"{placement.plan(self.layer_number)}; build specs with megaspan.models.block_spec"
             )
 
         def make_norm(builder):

@@ -149,7 +149,7 @@ def _model_states(chunks: list) -> dict:
     """``{"model<i>": sharded state of chunk i}``.
 
     Placements whose layers own different norms (SpanNorm's block-0 N0, Mix-LN) get per-layer
-    checkpoint keys from Megatron itself (``hetereogenous_dist_checkpoint``, set in to_mcore),
+    checkpoint keys from Megatron itself (``hetereogenous_dist_checkpoint``, set in models/mcore_config.py),
     so the layouts stay reshardable without any rewriting here.
     """
     return {f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)}

@@ -13,7 +13,7 @@ import torch
 
 from megaspan.config.loader import ConfigError
 from megaspan.config.schema import MegaspanConfig
-from megaspan.config.to_mcore import resolve_dtype
+from megaspan.models.mcore_config import resolve_dtype
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megaspan import runtime
 from megaspan.config.loader import ConfigError, config_to_dict, dump_config
 from megaspan.config.schema import MegaspanConfig
-from megaspan.specs import resolve_impl
+from megaspan.models.backend import resolve_impl
 from megaspan.training.batches import Batch, micro_batches
 from megaspan.training.checkpoint import (
     Progress,

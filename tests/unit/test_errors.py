@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from megaspan.config import ConfigError, load_config, validate
-from megaspan.specs import BackendError, resolve_impl, te_available
+from megaspan.errors import BackendError
+from megaspan.models import resolve_impl, te_available
 
 
 def one_line(exc) -> str:

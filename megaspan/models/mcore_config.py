@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megaspan.config.derived import ffn_hidden_size
 from megaspan.config.schema import MegaspanConfig
 
 
@@ -16,15 +17,6 @@ def resolve_dtype(precision, cuda: bool | None = None) -> torch.dtype:
     if name == "auto":
         name = "bf16" if cuda else "fp32"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def ffn_hidden_size(model) -> int:
-    if model.ffn_hidden_size is not None:
-        return model.ffn_hidden_size
-    if model.activation == "swiglu":
-        # LLaMA convention: 8/3 h keeps SwiGLU's parameter count at the 4h GeLU MLP's.
-        return 64 * ((8 * model.hidden_size // 3 + 63) // 64)
-    return 4 * model.hidden_size
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

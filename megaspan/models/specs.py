@@ -32,7 +32,6 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megaspan.errors import BackendError
 from megaspan.norms.base import LayerPlan, Placement
 from megaspan.norms.layer import (
     NormPlacementSubmodules,
@@ -41,26 +40,6 @@ from megaspan.norms.layer import (
     QKVNormSelfAttentionSubmodules,
 )
 from megaspan.norms.modules import HeadNorm, SPNorm
-
-
-def te_available() -> bool:
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    return bool(HAVE_TE)
-
-
-def resolve_impl(requested: str) -> str:
-    """'auto' -> TE when it imports and CUDA is present, else local."""
-    import torch
-
-    if requested == "auto":
-        return "transformer_engine" if te_available() and torch.cuda.is_available() else "local"
-    if requested == "transformer_engine" and not te_available():
-        raise BackendError(
-            "model.transformer_impl=transformer_engine but Transformer Engine is not installed: "
-            "use the NGC-based image (docker/) or set model.transformer_impl=local"
-        )
-    return requested
 
 
 class _Backend:

@@ -1,0 +1,55 @@
+"""Which layer backend runs here: Transformer Engine detection and ``model.transformer_impl``."""
+
+from __future__ import annotations
+
+from megaspan.config.capabilities import Capabilities
+from megaspan.errors import BackendError
+
+
+def te_available() -> bool:
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def _te_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("transformer-engine")
+    except Exception:  # noqa: BLE001 - TE wheels are published under a few names
+        try:
+            import transformer_engine
+
+            return str(getattr(transformer_engine, "__version__", None) or "") or None
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def detect_capabilities() -> Capabilities:
+    """This process's CUDA device and Transformer Engine, for :func:`megaspan.config.validate`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    te = te_available()
+    return Capabilities(
+        cuda=cuda,
+        te=te,
+        te_version=_te_version() if te else None,
+        device_name=torch.cuda.get_device_name() if cuda else None,
+        compute_capability=tuple(torch.cuda.get_device_capability()) if cuda else None,
+    )
+
+
+def resolve_impl(requested: str) -> str:
+    """'auto' -> TE when it imports and CUDA is present, else local."""
+    import torch
+
+    if requested == "auto":
+        return "transformer_engine" if te_available() and torch.cuda.is_available() else "local"
+    if requested == "transformer_engine" and not te_available():
+        raise BackendError(
+            "model.transformer_impl=transformer_engine but Transformer Engine is not installed: "
+            "use the NGC-based image (docker/) or set model.transformer_impl=local"
+        )
+    return requested

@@ -1,0 +1,75 @@
+"""Build Megatron-Core ``GPTModel`` chunks from a megaspan config.
+
+Requires ``megaspan.runtime.initialize_model_parallel`` to have run (Megatron reads the
+parallel state while building).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaspan.config.schema import MegaspanConfig
+from megaspan.models.backend import resolve_impl
+from megaspan.models.mcore_config import padded_vocab_size, transformer_config
+from megaspan.models.specs import block_spec
+from megaspan.norms import Placement, build_placement
+from megaspan.norms.layer import NormPlacementTransformerLayer
+
+
+@dataclass
+class BuiltModel:
+    chunks: list  # one GPTModel per virtual pipeline stage held by this rank
+    config: object  # the TransformerConfig
+    placement: Placement
+    impl: str
+    vocab_size: int  # padded
+
+
+def placement_for(cfg: MegaspanConfig) -> Placement:
+    return build_placement(cfg.model.norm_placement, cfg.model.norm, cfg.model.num_layers)
+
+
+def apply_init_rules(chunks, placement: Placement) -> None:
+    """Run the placement's post-Megatron-init weight rules on every layer of every chunk."""
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, NormPlacementTransformerLayer):
+                placement.init_weights(module)
+
+
+def build_model(
+    cfg: MegaspanConfig,
+    vocab_size: int,
+    *,
+    init_rules: bool = True,
+    cuda: bool | None = None,
+) -> BuiltModel:
+    """Build this rank's model chunks (pre/post-process flags from the pipeline position)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    placement = placement_for(cfg)
+    impl = resolve_impl(cfg.model.transformer_impl)
+    tconfig = transformer_config(cfg, placement, cuda=cuda)
+    padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    vp_size = cfg.parallel.virtual_pipeline_model_parallel_size
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size else None
+        chunk = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=block_spec(tconfig, placement, impl, vp_stage=stage, pp_rank=pp_rank),
+            vocab_size=padded,
+            max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(chunk)
+    if init_rules:
+        apply_init_rules(chunks, placement)
+    return BuiltModel(chunks=chunks, config=tconfig, placement=placement, impl=impl, vocab_size=padded)

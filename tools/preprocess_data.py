@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from megaspan.data import DataError
-from megaspan.data.commands import register
+from megaspan.cli.preprocess import register
 
 
 def main(argv: list[str] | None = None) -> int:

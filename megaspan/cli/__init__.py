@@ -1,150 +1,66 @@
-"""The ``megaspan`` command line: ``train``, ``info`` and the data subcommands.
+"""The ``megaspan`` command line: one module per command, one place that turns user errors into
+one line.
 
-Heavy modules (torch, megatron.core) are imported inside the commands so ``megaspan --help``
-stays fast. User errors (bad config, bad data, unavailable backend) print ONE line,
-``megaspan: error: <message>``, and exit 2 without writing anything; any other exception is a
-bug and keeps its traceback.
+Layout: every command is a module ``megaspan/cli/<name>.py`` with
+
+* ``register(subparsers)``: adds its argparse sub-parser and ``set_defaults(func=run)``;
+* ``run(args) -> int``: parses nothing further, calls ONE library function, returns the exit code.
+
+:data:`COMMANDS` lists them in ``--help`` order. **Adding a command** (``bench``, ``sweep``,
+``report``...) = write ``megaspan/cli/<name>.py`` with those two functions and add ``"<name>"``
+to :data:`COMMANDS`; nothing else here changes.
+
+Rules the command modules follow, so ``megaspan --help`` stays fast (no torch, no megatron):
+import only the standard library and torch-free megaspan modules (``megaspan.config``,
+``megaspan.errors``) at module level; import the library a command calls inside its ``run``.
+``tests/unit/test_imports.py`` checks this in a fresh interpreter.
+
+Errors: a :class:`megaspan.errors.UserError` (bad config, data, backend, checkpoint or run dir)
+prints ONE line, ``megaspan: error: <message>``, and exits 2; it is caught here and nowhere else.
+Any other exception is a bug and keeps its traceback. Known third-party console noise is filtered
+once, here, by :mod:`megaspan.cli.quiet` (``--verbose`` or ``MEGASPAN_VERBOSE=1`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
+import importlib
+import os
 import sys
-import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
-EXIT_USAGE = 2
+from megaspan.errors import EXIT_USAGE, UserError
 
+COMMANDS: tuple[str, ...] = (
+    "train",
+    "plan",
+    "info",
+    "tokenizer",
+    "preprocess",
+)
+"""Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is a complete one-line explanation for the user."""
-    from megaspan.config.loader import ConfigError
-    from megaspan.data import DataError
-
-    errors: list[type[BaseException]] = [ConfigError, DataError]
-    from megaspan.errors import BackendError  # torch-free (megaspan.specs moved to megaspan.models)
-
-    errors.append(BackendError)
-    return tuple(errors)
-
-
-def _quiet_expected_backend_notices() -> None:
-    """Drop import-time notices that only restate the environment.
-
-    Megatron warns on import that Transformer Engine/Apex are missing and torch logs that no
-    CUDA runtime exists; on CPU machines both are expected (``megaspan info`` reports the
-    backends), and they would bury the one-line error of a bad input.
-    """
-    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+VERBOSE_ENV = "MEGASPAN_VERBOSE"
+"""``MEGASPAN_VERBOSE=1`` = ``--verbose``: show third-party warnings the CLI filters by default."""
 
 
-def _fail(message: str) -> int:
-    print(f"megaspan: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return EXIT_USAGE
+def command_modules() -> list[ModuleType]:
+    return [importlib.import_module(f"{__name__}.{name}") for name in COMMANDS]
 
 
-# ---- train ----------------------------------------------------------------------------------
-
-
-def _add_train(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train (or resume) a model",
-        description="Train a model. Settings come from the defaults, then --config, then "
-        "dotted overrides such as model.num_layers=24 optimizer.lr=3e-4.",
+def _add_verbose(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--verbose`` on the top parser and on every (nested) sub-parser, so both
+    ``megaspan --verbose train`` and ``megaspan train --verbose`` work. Sub-parsers use
+    ``SUPPRESS`` so their unset flag does not overwrite the top parser's value."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+        help=f"show third-party warnings that are filtered by default (also: {VERBOSE_ENV}=1)",
     )
-    p.add_argument("--config", metavar="RECIPE", default="default",
-                   help="YAML recipe: a path or a shipped name (default, tiny); default: default")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate and print the resolved config, then exit without training")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from megaspan.config.loader import config_to_dict, load_config
-    from megaspan.config.validate import validate
-    from megaspan.runtime.distributed import env_from_launcher
-
-    cfg = load_config(args.config, args.overrides)
-    validate(cfg, env_from_launcher().world_size)
-    from megaspan.training.setup import check_schedule
-
-    check_schedule(cfg)
-    if args.dry_run:
-        import yaml
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return 0
-    from megaspan.training.trainer import train
-
-    return train(cfg)
-
-
-# ---- info -----------------------------------------------------------------------------------
-
-
-def _version(module: str) -> str:
-    if importlib.util.find_spec(module.split(".")[0]) is None:
-        return "not installed"
-    try:
-        mod = importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - a broken install is information, not a crash
-        return f"unavailable ({type(exc).__name__})"
-    return str(getattr(mod, "__version__", "unknown"))
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    import megaspan
-    from megaspan.norms import available
-
-    if torch.cuda.is_available():
-        device = f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name()})"
-    else:
-        device = f"cpu ({torch.get_num_threads()} threads)"
-    print(f"megaspan             {megaspan.__version__}")
-    print(f"python               {platform.python_version()}")
-    print(f"torch                {torch.__version__}")
-    print(f"megatron-core        {_mcore_version()}")
-    print(f"transformer-engine   {_version('transformer_engine')}")
-    print(f"device               {device}")
-    print("norm placements:")
-    for name, cls in available().items():
-        print(f"  {name:<12} {getattr(cls, 'description', '')}")
-    return 0
-
-
-def _mcore_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("megatron-core")
-    except Exception:  # noqa: BLE001
-        return "not installed"
-
-
-def _add_info(subparsers) -> None:
-    p = subparsers.add_parser("info", help="versions, device and registered norm placements")
-    p.set_defaults(func=_cmd_info)
-
-
-# ---- parser ---------------------------------------------------------------------------------
-
-
-def _add_data_commands(subparsers) -> None:
-    """The data engineer's ``tokenizer``/``preprocess`` subcommands, when that module exists."""
-    if importlib.util.find_spec("megaspan.data.commands") is None:
-        return
-    from megaspan.data.commands import register
-
-    register(subparsers)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub, top=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,23 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Megatron-Core training for deep Transformers with selectable norm placements.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train(subparsers)
-    _add_info(subparsers)
-    _add_data_commands(subparsers)
-    from megaspan.cli import plan
-
-    plan.register(subparsers)
+    for module in command_modules():
+        module.register(subparsers)
+    _add_verbose(parser, top=True)
     return parser
+
+
+def verbose_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "verbose", False)) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints (``UserError`` already folds newlines; this is for safety)."""
+    return f"megaspan: error: {' '.join(str(exc).split())}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_expected_backend_notices()
+    from megaspan.cli import quiet
+
+    quiet.install(verbose=verbose_requested(args))
     try:
         return args.func(args)
-    except _user_errors() as exc:
-        return _fail(str(exc))
+    except UserError as exc:
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_USAGE
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["COMMANDS", "build_parser", "main"]

@@ -27,19 +27,24 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy
 
 from megaspan.data import DataError
-from megaspan.data.corpus import expand_inputs, iter_documents, stdlib_corpus, stdlib_documents
+from megaspan.data.corpus import expand_inputs, iter_documents, stdlib_corpus, stdlib_documents, stdlib_files
 from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir
 
 _CHUNKSIZE = 8
 """Documents per pool task: big enough to amortize IPC, small enough to balance long files."""
 _PROGRESS_EVERY_S = 0.5
+"""Seconds between redraws of the progress line on a terminal."""
+_LOG_EVERY_S = 10.0
+"""Seconds between progress lines when stderr is not a terminal (a log file)."""
+_BAR_WIDTH = 20
 
 
 @dataclass(frozen=True)
@@ -60,18 +65,23 @@ def preprocess_documents(
     *,
     workers: int = 1,
     progress: bool = True,
+    expected_documents: int | None = None,
 ) -> PreprocessStats:
     """Tokenize ``documents`` (+ EOD each) into ``output_prefix.bin`` / ``output_prefix.idx``.
 
     ``workers <= 1`` tokenizes in this process. Empty strings are skipped. Raises
-    :class:`DataError` if no document was written.
+    :class:`DataError` if no document was written. ``expected_documents`` (default: ``len`` of
+    ``documents`` when it has one) only sizes the progress bar.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.parent / f".{prefix.name}.{secrets.token_hex(6)}.tmp"  # unique across hosts
-    meter = _Progress(prefix.name, enabled=progress)
+    total = expected_documents
+    if total is None and isinstance(documents, Sized):
+        total = len(documents)
+    meter = _Progress(prefix.name, enabled=progress, total=total)
     builder = IndexedDatasetBuilder(
         f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)
     )
@@ -138,7 +148,7 @@ def preprocess_stdlib(
             preprocess_documents(
                 stdlib_corpus(split), tokenizer, prefix,
                 workers=workers if workers is not None else min(4, os.cpu_count() or 1),
-                progress=progress,
+                progress=progress, expected_documents=len(stdlib_files(split)),
             )
         prefixes[split] = str(prefix)
     return prefixes
@@ -206,13 +216,23 @@ def _encode_with(tokenizer: SentencePieceTokenizer, text: str) -> numpy.ndarray:
 
 
 class _Progress:
-    """A single self-overwriting stderr line: documents, tokens, documents/s, tokens/s."""
+    """Progress of one preprocess run on stderr: documents, tokens, documents/s, tokens/s.
 
-    def __init__(self, name: str, *, enabled: bool) -> None:
+    On a terminal it is one line redrawn in place (with a bar when the number of documents is
+    known up front); captured to a log (not a TTY) it is one complete line per update, every
+    :data:`_LOG_EVERY_S` seconds, plus a final line, so a log file never holds a run-on line of
+    carriage returns.
+    """
+
+    def __init__(self, name: str, *, enabled: bool, total: int | None = None, stream: TextIO | None = None) -> None:
         self.name = name
         self.enabled = enabled
+        self.total = total
         self.documents = 0
         self.tokens = 0
+        self._stream = stream if stream is not None else sys.stderr
+        self._tty = _isatty(self._stream)
+        self._every = _PROGRESS_EVERY_S if self._tty else _LOG_EVERY_S
         self._start = time.monotonic()
         self._last = self._start
 
@@ -223,20 +243,37 @@ class _Progress:
         self.documents += 1
         self.tokens += tokens
         now = time.monotonic()
-        if self.enabled and now - self._last >= _PROGRESS_EVERY_S:
+        if self.enabled and now - self._last >= self._every:
             self._last = now
-            self._write("\r")
+            self._write()
 
     def close(self) -> None:
         """Print the final totals and end the line, so later messages start on their own line."""
         if self.enabled:
-            self._write("\r")
-            sys.stderr.write("\n")
+            self._write(final=True)
 
-    def _write(self, lead: str) -> None:
+    def _write(self, *, final: bool = False) -> None:
         seconds = max(self.elapsed(), 1e-9)
-        sys.stderr.write(
-            f"{lead}preprocess {self.name}: {self.documents} docs, {self.tokens} tokens, "
+        text = (
+            f"preprocess {self.name}: {self.documents} docs, {self.tokens} tokens, "
             f"{self.documents / seconds:.0f} docs/s, {self.tokens / seconds:.0f} tokens/s"
         )
-        sys.stderr.flush()
+        if self._tty:
+            bar = ""
+            if self.total:
+                # The total may be an upper bound (empty documents are skipped): full when done.
+                done = 1.0 if final else min(self.documents / self.total, 1.0)
+                filled = int(round(done * _BAR_WIDTH))
+                bar = f" {done:4.0%} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]"
+            # \r returns to the line start, \x1b[K clears what a longer earlier line left behind.
+            self._stream.write(f"\r{text}{bar}\x1b[K" + ("\n" if final else ""))
+        else:
+            self._stream.write(f"{text}{' (done)' if final else ''}\n")
+        self._stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False

@@ -1,0 +1,47 @@
+"""``megaspan train``: validate the whole config, then train (or resume) a run.
+
+Order matters: the config is loaded and :func:`megaspan.config.validate` runs every data-free
+check (layout, batch sizes, schedule, norm options, Transformer Engine/FP8/CUDA availability)
+before anything touches the data cache or the run directory, so a bad input fails in one line and
+leaves no trace. The work itself is :func:`megaspan.training.build.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "train"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        NAME,
+        help="train (or resume) a model",
+        description="Train a model. Settings come from the defaults, then --config, then "
+        "dotted overrides such as model.num_layers=24 optimizer.lr=3e-4.",
+    )
+    p.add_argument("--config", metavar="RECIPE", default="default",
+                   help="YAML recipe: a path or a shipped name (default, tiny); default: default")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved config, then exit without training")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaspan.config.loader import config_to_dict, load_config
+    from megaspan.config.validate import validate
+    from megaspan.runtime.distributed import env_from_launcher
+    from megaspan.training.setup import check_schedule
+
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, env_from_launcher().world_size)
+    check_schedule(cfg)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from megaspan.training.trainer import train
+
+    return train(cfg)

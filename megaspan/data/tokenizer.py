@@ -14,10 +14,15 @@ Training choices, and why:
 * **Fixed special ids**: ``<unk>``=0, ``<s>``=1, ``</s>``=2 (the end-of-document id, ``eod``),
   ``<pad>``=3. ``pad`` differs from ``eod`` so Megatron's GPTDataset does not warn about a pad
   collision and never masks real end-of-document tokens.
-* **Fast on 2 cores**: at most ``max_train_sentences`` chunks are sampled
-  (``input_sentence_size`` + ``shuffle_input_sentence``, seeded so the sample is reproducible).
-  BPE on the whole stdlib corpus takes a few seconds; unigram is ~10x slower per sentence, so
-  keep ``max_train_sentences`` small (a few thousand) when iterating with unigram.
+* **Fast on 2 cores**: at most ``max_train_sentences`` chunks are sampled. BPE on the whole
+  stdlib corpus takes a few seconds; unigram is ~10x slower per sentence, so keep
+  ``max_train_sentences`` small (a few thousand) when iterating with unigram.
+* **Deterministic**: the same corpus and options give a byte-identical ``.model`` (the cache key
+  promises it, and a resumed run checks the model's :func:`tokenizer_hash`). SentencePiece's own
+  sampler (``input_sentence_size`` + ``shuffle_input_sentence``) differs between runs even after
+  ``set_random_generator_seed``, and the learned merges depend on ``num_threads``; so megaspan
+  samples the sentences itself (a reservoir with a fixed seed, in corpus order), hands
+  SentencePiece exactly those with its sampling off, and trains with one thread.
 
 Cache layout: ``<cache_dir>/tokenizers/spm-<model_type>-v<vocab_size>-<key>.model`` where ``key``
 hashes the corpus content and every training parameter (and the sentencepiece version), so a
@@ -35,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -59,7 +65,7 @@ LINES_PER_SENTENCE = 8
 MAX_SENTENCE_BYTES = 16384
 """SentencePiece skips longer training sentences (rare: generated data tables)."""
 TRAIN_SEED = 1234
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 """Bump to invalidate every cached tokenizer when the training recipe changes."""
 
 
@@ -205,7 +211,9 @@ def train_tokenizer(
     spm.set_random_generator_seed(TRAIN_SEED)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(corpus), model_writer=model, **options
+            sentence_iterator=iter(_sample_sentences(corpus, max_train_sentences)),
+            model_writer=model,
+            **{k: v for k, v in options.items() if k != "megaspan_max_sentences"},
         )
     except RuntimeError as err:
         raise DataError(_describe_training_error(err, vocab_size)) from None
@@ -272,18 +280,21 @@ def _trainer_options(vocab_size: int, model_type: ModelType, max_sentences: int)
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         pad_id=PAD_ID,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
+        # Sampling is done by _sample_sentences (deterministic); see the module docstring.
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
         max_sentence_length=MAX_SENTENCE_BYTES,
-        num_threads=os.cpu_count() or 1,
+        num_threads=1,  # the merges depend on the thread count
         minloglevel=2,
+        # Not a sentencepiece option (removed before training); part of the cache key.
+        megaspan_max_sentences=max_sentences,
     )
 
 
 def _cache_key(corpus: Iterable[str], options: dict) -> str:
-    """Hash of the corpus content and the recipe; thread count is excluded (no effect on output)."""
+    """Hash of the corpus content and the recipe (every option that changes the model)."""
     digest = hashlib.sha256()
-    recipe = {k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")}
+    recipe = {k: v for k, v in options.items() if k != "minloglevel"}
     recipe.update(
         format=_CACHE_FORMAT, lines=LINES_PER_SENTENCE, seed=TRAIN_SEED, spm=spm.__version__
     )
@@ -297,6 +308,25 @@ def _cache_key(corpus: Iterable[str], options: dict) -> str:
     if count == 0:
         raise DataError("tokenizer training corpus is empty; give --input files with text")
     return digest.hexdigest()[:16]
+
+
+def _sample_sentences(corpus: Iterable[str], max_sentences: int) -> list[str]:
+    """At most ``max_sentences`` training sentences, the same ones on every call: a reservoir
+    sample (Algorithm R) with a fixed seed, returned in corpus order."""
+    rng = random.Random(TRAIN_SEED)
+    reservoir: list[tuple[int, str]] = []
+    for index, sentence in enumerate(_training_sentences(corpus)):
+        if len(reservoir) < max_sentences:
+            reservoir.append((index, sentence))
+        elif (slot := rng.randrange(index + 1)) < max_sentences:
+            reservoir[slot] = (index, sentence)
+    return [sentence for _, sentence in sorted(reservoir)]
+
+
+def tokenizer_hash(path: str | os.PathLike[str]) -> str:
+    """Content hash (SHA-256 hex) of a tokenizer ``.model`` file: what the run and its checkpoints
+    record, so a resume with a different (e.g. re-trained) tokenizer is detected."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _training_sentences(corpus: Iterable[str]) -> Iterator[str]:

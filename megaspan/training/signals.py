@@ -1,25 +1,47 @@
-"""Preemption: SIGTERM/SIGUSR1 request a checkpoint-and-exit at the next step boundary.
+"""Stop requests: SIGTERM/SIGUSR1/SIGINT ask for a checkpoint-and-exit at the next step boundary.
 
 The handler only records the signal. Saving inside a handler would run in the middle of a
 forward/backward or a collective, and ranks receive signals at different moments, so every rank
 instead checks :meth:`PreemptionFlag.agreed` at the same step boundary, which all-reduces the
 flag (MAX): if any rank was signalled, all ranks stop after the same step.
+
+Because the handler only sets a flag, a signal that arrives *during* a checkpoint save does not
+interrupt it: Python runs the handler between bytecodes of the main thread, it returns, and
+interrupted system calls are retried (PEP 475). The save finishes, then the loop stops.
+
+| signal | effect |
+| --- | --- |
+| SIGTERM, SIGUSR1 | checkpoint at the step boundary, exit 0 (``exit_code``) |
+| SIGINT (Ctrl-C) | first: like SIGTERM but exit 130; second: abort at once (KeyboardInterrupt) |
+| SIGHUP, SIGQUIT, SIGKILL | not handled: the process dies; resume from the last periodic save |
+
+SIGINT inherited as *ignored* (a job started with ``&`` from a non-interactive script, which is
+how bash starts background jobs): the handler is installed anyway. A SIGINT that reaches the
+process is then either a user's Ctrl-C or an explicit ``kill -INT``, and the response is a
+checkpoint and a clean stop, which loses nothing; keeping it ignored would make ``kill -INT``
+silently do nothing and train on. ``training.exit_on_signal=false`` leaves every disposition as
+inherited.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_CODES = {signal.SIGTERM: 0, signal.SIGUSR1: 0, signal.SIGINT: 130}
+"""Exit code after a clean signal checkpoint: 0 for the scheduler's signals (Slurm requeues on
+0), 128 + 2 for Ctrl-C, as a shell expects from an interrupted command."""
 
 
 class PreemptionFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._agreed_code: int | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -32,11 +54,29 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum is not None:
+            # The second Ctrl-C: the user does not want to wait for the checkpoint.
+            print("megaspan: interrupted again: aborting without a checkpoint", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if self.signum is None:  # the first signal decides the exit code
+            self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code after the signal checkpoint: 0 for SIGTERM/SIGUSR1, 130 for
+        SIGINT; after :meth:`agreed`, the highest over all ranks (a rank stopped by a peer's
+        signal exits like the peer)."""
+        if self._agreed_code is not None:
+            return self._agreed_code
+        return EXIT_CODES.get(self.signum, 0) if self.signum is not None else 0
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank has been signalled (collective)."""
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
+        code = self.exit_code
+        flag = torch.tensor([0 if self.signum is None else 1, code], dtype=torch.int32, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if bool(flag[0].item()):
+            self._agreed_code = int(flag[1].item())
+            return True
+        return False

@@ -3,7 +3,7 @@
 #
 #   docker/build.sh                                  # -> megaspan:<git describe>
 #   docker/build.sh --sqsh /shared/images/megaspan.sqsh
-#   docker/build.sh --base nvcr.io/nvidia/pytorch:25.09-py3@sha256:<digest> --tag 0.1.0
+#   docker/build.sh --base nvcr.io/nvidia/pytorch:26.06-py3@sha256:<digest> --tag 0.1.0
 #   docker/build.sh --dry-run                        # print the commands only
 #
 # --base IMAGE   base NGC PyTorch image (default: the Dockerfile's BASE_IMAGE)

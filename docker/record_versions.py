@@ -92,11 +92,14 @@ def report() -> int:
         ("megaspan_version", os.environ.get("MEGASPAN_VERSION", version_of(["megaspan"]))),
         ("base_image", os.environ.get("MEGASPAN_BASE_IMAGE", os.environ.get("NVIDIA_PYTORCH_VERSION", "?"))),
         ("nvidia_pytorch_version", os.environ.get("NVIDIA_PYTORCH_VERSION", "?")),
+        ("cuda_toolkit (image)", os.environ.get("CUDA_VERSION", "?")),
         ("python", platform.python_version()),
         ("torch", version_of(["torch"])),
         ("torch.version.cuda", try_import("torch:version.cuda")),
         ("torch.cudnn", try_import("torch:backends.cudnn.version")),
-        ("transformer_engine", version_of(["transformer-engine", "transformer-engine-torch", "transformer-engine-cu12"])),
+        ("transformer_engine", version_of(
+            ["transformer-engine", "transformer-engine-torch", "transformer-engine-cu13", "transformer-engine-cu12"]
+        )),
         ("megatron_core", version_of(["megatron-core"])),
         ("megatron.core import", try_import("megatron.core:__version__")),
         ("apex", version_of(["apex"])),

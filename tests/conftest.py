@@ -1,9 +1,40 @@
+"""Session-wide test setup.
+
+* ``MEGASPAN_CACHE_DIR`` points at a fresh temporary directory for the whole session (and every
+  subprocess it starts), so no test reads or warms the user's ``~/.cache/megaspan`` and no test
+  depends on another having built the tokenizer or corpus first (``tiny_corpus`` builds them).
+* Tiers (``tools/test.sh --fast`` deselects the slow ones): markers are declared in pyproject.toml.
+  ``--all`` runs the full placement x layout matrix of the distributed tests.
+* In-process Megatron: ``single_process_group`` (world size 1, CPU emulation switched on
+  explicitly) and ``mcore`` (fresh model-parallel state per test; the runtime destroys the
+  previous groups, so re-initializing per test holds one set of gloo threads).
+"""
+
+from __future__ import annotations
+
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 # Two cores: keep intra-op threading small so multi-process tests do not oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+_CACHE_DIR = Path(tempfile.mkdtemp(prefix="megaspan-test-cache-"))
+os.environ["MEGASPAN_CACHE_DIR"] = str(_CACHE_DIR)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all", action="store_true", default=False,
+        help="run the full placement x layout matrix (otherwise a representative subset; see slow)",
+    )
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def _cuda_and_te() -> bool:
@@ -19,19 +50,44 @@ def _cuda_and_te() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _cuda_and_te():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA and Transformer Engine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not config.getoption("--all"):
+        matrix = pytest.mark.skip(reason="full placement x layout matrix: run with --all")
+        for item in items:
+            if "full_matrix" in item.keywords:
+                item.add_marker(matrix)
+    if not _cuda_and_te():
+        skip = pytest.mark.skip(reason="needs CUDA and Transformer Engine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The session's private ``MEGASPAN_CACHE_DIR``."""
+    return _CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(cache_dir):
+    """The ``tiny`` recipe's tokenizer and the preprocessed stdlib corpus, built once per session
+    in the session cache (what ``megaspan train --config tiny`` would build on first use)."""
+    from megaspan.config.loader import load_config
+    from megaspan.data.preprocess import preprocess_stdlib
+    from megaspan.data.tokenizer import build_tokenizer
+
+    cfg = load_config("tiny", [])
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
+    prefixes = preprocess_stdlib(tokenizer, cache_dir, progress=False)
+    return tokenizer, prefixes
 
 
 @pytest.fixture(scope="session")
 def single_process_group():
-    """A world-size-1 gloo group in the pytest process (CPU patches applied)."""
-    from megaspan.runtime import init_process_group
+    """A world-size-1 gloo group in the pytest process, with the CPU emulation switched on."""
+    from megaspan.runtime import init_process_group, setup_cpu
 
+    setup_cpu()
     init_process_group()
     yield
 
@@ -44,3 +100,19 @@ def mcore(single_process_group):
 
     initialize_model_parallel(ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    """``dist_pool(world_size)`` -> a :class:`tests.helpers.harness.Pool` shared by the session,
+    so the distributed tests pay each rank's start (torch + Megatron imports) once."""
+    from tests.helpers.harness import Pool
+
+    pools: dict[int, Pool] = {}
+
+    def get(world_size: int) -> Pool:
+        return pools.setdefault(world_size, Pool(world_size))
+
+    yield get
+    for pool in pools.values():
+        pool.close()

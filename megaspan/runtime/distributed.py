@@ -35,6 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def setup_cpu() -> bool:
+    """Switch on the CPU emulation of Megatron-Core's CUDA sites when no GPU is present.
+
+    Called once by each entry point (the ``megaspan`` commands, the test fixtures and harness
+    workers), never as a side effect of library calls. A no-op with CUDA; returns True if the
+    emulation is active.
+    """
+    return cpu_compat.apply()
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -42,8 +52,10 @@ def device() -> torch.device:
 
 
 def init_process_group(timeout_s: int = 600) -> DistEnv:
-    """Initialize torch.distributed (gloo on CPU, nccl on GPU) once per process."""
-    cpu_compat.apply()
+    """Initialize torch.distributed (gloo on CPU, nccl on GPU) once per process.
+
+    CPU emulation is not switched on here: entry points call :func:`setup_cpu` explicitly.
+    """
     denv = env_from_launcher()
     if dist.is_initialized():
         return denv
@@ -87,23 +99,77 @@ def parallel_sizes(parallel) -> dict:
     )
 
 
+def model_parallel_groups() -> list:
+    """Every process group this process holds besides the default (world) one.
+
+    Megatron-Core creates all of its groups (TP, PP, DP and their gloo twins, CP and hierarchical
+    CP, embedding and position-embedding, expert TP/EP/DP, the distributed-optimizer instance
+    groups, all-gather groups, ...) through ``torch.distributed.new_group``, so torch's registry
+    is the complete list; walking it also catches groups created lazily after initialization.
+    """
+    if not dist.is_initialized():
+        return []
+    world = dist.GroupMember.WORLD
+    return [pg for pg in list(dist.distributed_c10d._world.pg_map) if pg is not world]
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel state *and* the process groups behind it.
+
+    ``parallel_state.destroy_model_parallel`` only drops its handles: every gloo group keeps
+    its worker threads (``pt_gloo_runloop``/``gloo_tcp_loop``) and every NCCL group its
+    communicator until the process exits, so each re-initialization in a long-lived process
+    (tests, resharding, the planner, notebooks) leaked about 20 groups. Destroy them here.
+    """
+    from megatron.core import parallel_state
+
+    groups = model_parallel_groups()
+    if parallel_state.model_parallel_is_initialized() or groups:
+        parallel_state.destroy_model_parallel()
+    _drop_stale_handles(parallel_state)
+    registry = dist.distributed_c10d._world.pg_map
+    for group in groups:
+        # Destroying a group can take others with it (a split group's parent), so look again.
+        if group in registry:
+            dist.destroy_process_group(group)
+
+
+def _drop_stale_handles(module) -> None:
+    """Reset module globals that still hold process groups after ``destroy_model_parallel``.
+
+    Megatron-Core 0.19.2 forgets ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` and its gloo
+    twin; a handle kept alive keeps a destroyed gloo group's threads alive with it. Checked
+    generically so a group added in an upgrade cannot leak the same way.
+    """
+    for name, value in list(vars(module).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(module, name, None)
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, dist.ProcessGroup) for v in value):
+            setattr(module, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+            setattr(module, name, {})
+
+
 def initialize_model_parallel(parallel, seed: int) -> None:
     """Create Megatron's TP/PP/EP/CP/DP groups and seed its RNG tracker.
 
-    ``parallel`` is a :class:`megaspan.config.schema.ParallelConfig`.
+    ``parallel`` is a :class:`megaspan.config.schema.ParallelConfig`. Groups of an earlier call
+    are destroyed first, so re-initializing any number of times holds one set of groups.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    if not torch.cuda.is_available() and not cpu_compat.is_applied():
+        raise RuntimeError(
+            "Megatron-Core needs CUDA: on a CPU-only machine call megaspan.runtime.setup_cpu() at "
+            "the entry point (the megaspan commands and the test fixtures do) before building models"
+        )
+    destroy_model_parallel()
     parallel_state.initialize_model_parallel(**parallel_sizes(parallel))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    """Destroy every process group of this process (model-parallel ones first, then the world)."""
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -6,7 +6,10 @@ each layout starts from identical parameters even where per-stage init would dif
 the same 5 global batches through megaspan's Trainer. Per-step losses and the final validation
 loss must match the single-process run to 1e-5 relative.
 
-Three process groups in total (world 1, 2 and 4), each running many cases in a row.
+Coverage: SpanNorm dense and MoE on every layout; B2T, Pre-LN and HybridNorm on TP2+SP and
+PP2xVPP2 (the layouts that split the layer and reorder the stages); the full placement x layout
+matrix with ``pytest --all``. Ranks come from the session's process pools (world 1, 2, 4), and
+each layout is its own job with its own timeout, so one slow or hung layout fails alone.
 """
 
 from __future__ import annotations
@@ -14,39 +17,62 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed import layout_workers as lw
-from tests.harness import run_distributed
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 PLACEMENTS = ("spannorm", "b2t", "pre", "hybridnorm")
 MODELS = [(p, moe) for p in PLACEMENTS for moe in (False, True)]
-
-# Two-process layouts; MoE models need sequence parallelism with TP, and EP needs experts.
-WORLD2 = ("tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2-distopt", "ep2")
-WORLD4 = ("tp2-sp-pp2", "dp2-ep2-distopt")
+# layout -> world size. MoE models need sequence parallelism with TP, and EP needs experts.
+LAYOUTS = {
+    "tp2": 2,
+    "tp2-sp": 2,
+    "pp2": 2,
+    "pp2-vpp2": 2,
+    "dp2-distopt": 2,
+    "ep2": 2,
+    "pp2-uneven": 2,  # 1 + 3 layers
+    "tp2-sp-pp2": 4,
+    "dp2-ep2-distopt": 4,
+}
+REPRESENTATIVE = ("tp2-sp", "pp2-vpp2")  # where every placement runs without --all
 REL = 1e-5
+# Measured on an idle 2-core machine: ~1 s per case at world 1, ~2 s at world 2, ~5 s at world 4
+# (plus ~10 s to start a pool); 10x margin per case and 60 s for the start, for a loaded CI box.
+SECONDS_PER_CASE = {1: 10, 2: 20, 4: 50}
 
 
-def _applies(layout: str, moe: bool) -> bool:
+def _applies(placement: str, moe: bool, layout: str) -> bool:
     if layout == "tp2":
         return not moe
     if "ep2" in layout:
         return moe
+    if layout == "pp2-uneven" or layout == "dp2-ep2-distopt":
+        return placement == "spannorm"  # the stage split and expert-DP split do not depend on it
     return True
 
 
-def _cases(base, layouts: tuple[str, ...], models=MODELS) -> list[lw.Case]:
-    init = {m: str(base / _name(*m, "tp1") / "step_0000000") for m in MODELS}
-    return [
-        lw.Case(p, moe, layout, init[(p, moe)], str(base / _name(p, moe, layout)))
-        for p, moe in models
-        for layout in layouts
-        if _applies(layout, moe)
-    ]
+def _selected(placement: str, layout: str, full: bool) -> bool:
+    return full or placement == "spannorm" or layout in REPRESENTATIVE
 
 
 def _name(placement: str, moe: bool, layout: str) -> str:
     return lw.Case(placement, moe, layout, None, "").name
+
+
+def _params(layouts) -> list:
+    params = []
+    for layout in layouts:
+        for placement, moe in MODELS:
+            if not _applies(placement, moe, layout):
+                continue
+            marks = () if _selected(placement, layout, False) else (pytest.mark.full_matrix,)
+            params.append(pytest.param(placement, moe, layout, id=_name(placement, moe, layout), marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def full(request) -> bool:
+    return request.config.getoption("--all")
 
 
 @pytest.fixture(scope="module")
@@ -55,33 +81,32 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(base) -> dict[str, dict]:
-    cases = [lw.Case(p, moe, "tp1", None, str(base / _name(p, moe, "tp1"))) for p, moe in MODELS]
-    return run_distributed(lw.run_cases, 1, cases)[0]
+def reference(base, dist_pool, full) -> dict[str, dict]:
+    models = [(p, moe) for p, moe in MODELS if full or any(_selected(p, lay, False) for lay in LAYOUTS)]
+    cases = [lw.Case(p, moe, "tp1", None, str(base / _name(p, moe, "tp1"))) for p, moe in models]
+    return dist_pool(1).run(lw.run_cases, cases, timeout=SECONDS_PER_CASE[1] * len(cases) + 60)[0]
 
 
 @pytest.fixture(scope="module")
-def world2(base, reference) -> list[dict[str, dict]]:
-    cases = _cases(base, WORLD2)
-    # Uneven stages (1 + 3 layers) for one dense and one MoE model.
-    cases += _cases(base, ("pp2-uneven",), models=[("spannorm", False), ("spannorm", True)])
-    return run_distributed(lw.run_cases, 2, cases)
+def layout_runs(base, reference, dist_pool, full):
+    """``get(layout)`` -> per-rank results of every selected model on that layout (run once)."""
+    done: dict[str, list] = {}
 
+    def get(layout: str) -> list[dict[str, dict]]:
+        if layout not in done:
+            cases = [
+                lw.Case(p, moe, layout, str(base / _name(p, moe, "tp1") / "step_0000000"),
+                        str(base / _name(p, moe, layout)))
+                for p, moe in MODELS
+                if _applies(p, moe, layout) and _selected(p, layout, full)
+            ]
+            world = LAYOUTS[layout]
+            done[layout] = dist_pool(world).run(
+                lw.run_cases, cases, timeout=SECONDS_PER_CASE[world] * len(cases) + 60
+            )
+        return done[layout]
 
-@pytest.fixture(scope="module")
-def world4(base, reference) -> list[dict[str, dict]]:
-    cases = _cases(base, WORLD4[:1])
-    cases += _cases(base, WORLD4[1:], models=[("spannorm", True)])
-    return run_distributed(lw.run_cases, 4, cases)
-
-
-def _check(reference: dict, ranks: list[dict], placement: str, moe: bool, layout: str) -> None:
-    ref = reference[_name(placement, moe, "tp1")]
-    got = [r[_name(placement, moe, layout)] for r in ranks]
-    # The trainer all-reduces the reported loss, so every rank must report the same numbers.
-    assert all(g["losses"] == got[0]["losses"] for g in got)
-    assert got[0]["losses"] == pytest.approx(ref["losses"], rel=REL), (got[0]["losses"], ref["losses"])
-    assert got[0]["valid"] == pytest.approx(ref["valid"], rel=REL)
+    return get
 
 
 def test_reference_learns(reference):
@@ -90,18 +115,11 @@ def test_reference_learns(reference):
         assert result["losses"][-1] < result["losses"][0] - 0.1, (name, result["losses"])
 
 
-WORLD2_PARAMS = [(p, m, l) for p, m in MODELS for l in WORLD2 if _applies(l, m)]
-WORLD2_PARAMS += [("spannorm", False, "pp2-uneven"), ("spannorm", True, "pp2-uneven")]
-
-
-@pytest.mark.parametrize("placement,moe,layout", WORLD2_PARAMS, ids=[_name(*p) for p in WORLD2_PARAMS])
-def test_two_process_layout_matches_one_process(reference, world2, placement, moe, layout):
-    _check(reference, world2, placement, moe, layout)
-
-
-WORLD4_PARAMS = [(p, m, "tp2-sp-pp2") for p, m in MODELS] + [("spannorm", True, "dp2-ep2-distopt")]
-
-
-@pytest.mark.parametrize("placement,moe,layout", WORLD4_PARAMS, ids=[_name(*p) for p in WORLD4_PARAMS])
-def test_four_process_layout_matches_one_process(reference, world4, placement, moe, layout):
-    _check(reference, world4, placement, moe, layout)
+@pytest.mark.parametrize("placement,moe,layout", _params(LAYOUTS))
+def test_layout_matches_one_process(reference, layout_runs, placement, moe, layout):
+    ref = reference[_name(placement, moe, "tp1")]
+    got = [r[_name(placement, moe, layout)] for r in layout_runs(layout)]
+    # The trainer all-reduces the reported loss, so every rank must report the same numbers.
+    assert all(g["losses"] == got[0]["losses"] for g in got)
+    assert got[0]["losses"] == pytest.approx(ref["losses"], rel=REL), (got[0]["losses"], ref["losses"])
+    assert got[0]["valid"] == pytest.approx(ref["valid"], rel=REL)

@@ -8,22 +8,23 @@ import pytest
 import torch
 
 from megaspan.norms import available
-from tests.distributed import workers
-from tests.harness import run_distributed
+from tests.helpers import workers
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+# ~1-2 s per case on an idle 2-core machine, 20 cases, plus the pool's start; ~5x margin.
+TIMEOUT_S = 240
 
 CASES = [(p, moe) for p in available() for moe in (False, True)]
 
 
 @pytest.fixture(scope="module")
-def tp1():
-    return run_distributed(workers.loss_and_grads, 1, 1, CASES)[0]
+def tp1(dist_pool):
+    return dist_pool(1).run(workers.loss_and_grads, 1, CASES, timeout=TIMEOUT_S)[0]
 
 
 @pytest.fixture(scope="module")
-def tp2():
-    return run_distributed(workers.loss_and_grads, 2, 2, CASES)
+def tp2(dist_pool):
+    return dist_pool(2).run(workers.loss_and_grads, 2, CASES, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("placement,moe", CASES, ids=[f"{p}-{'moe' if m else 'dense'}" for p, m in CASES])
@@ -49,13 +50,13 @@ PIPELINE_CASES = {
 
 
 @pytest.mark.parametrize("virtual", [False, True], ids=["pp2", "pp2-vpp2"])
-def test_pipeline_uses_global_layer_numbers(virtual):
+def test_pipeline_uses_global_layer_numbers(dist_pool, virtual):
     """Mix-LN / LNS / HybridNorm* / SpanNorm block-0 rules follow the global layer number."""
     layout = ("parallel.pipeline_model_parallel_size=2",)
     if virtual:
         layout += ("parallel.virtual_pipeline_model_parallel_size=2",)
     cases = [(placement, layout + extra) for placement, extra in PIPELINE_CASES]
-    ranks = run_distributed(workers.pipeline_layouts, 2, cases)
+    ranks = dist_pool(2).run(workers.pipeline_layouts, cases, timeout=120)
     for (placement, extra), check in PIPELINE_CASES.items():
         per_rank = [r[(placement, layout + extra)] for r in ranks]
         numbers = [[layer["number"] for layer in r] for r in per_rank]

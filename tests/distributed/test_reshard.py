@@ -17,11 +17,12 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed import layout_workers as lw
-from tests.harness import run_distributed
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 SAVED_AT = 3
+# Each of the three jobs takes ~20-40 s on an idle 2-core machine (8 cases + pool start).
+TIMEOUT_S = 300
 # (placement, moe, layout the checkpoint is saved with)
 SOURCES = [
     ("spannorm", False, "tp2"),
@@ -41,21 +42,21 @@ def _name(placement: str, moe: bool, layout: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, dist_pool):
     base = tmp_path_factory.mktemp("reshard")
     ref_cases = [lw.Case(p, moe, "tp1", None, str(base / _name(p, moe, "tp1"))) for p, moe in MODELS]
-    reference = run_distributed(lw.run_cases, 1, ref_cases)[0]
+    reference = dist_pool(1).run(lw.run_cases, ref_cases, timeout=TIMEOUT_S)[0]
     sources = [
         lw.Case(p, moe, layout, str(base / _name(p, moe, "tp1") / "step_0000000"),
                 str(base / _name(p, moe, layout)), save=True, steps=SAVED_AT)
         for p, moe, layout in SOURCES
     ]
-    saved = run_distributed(lw.run_cases, 2, sources)[0]
+    saved = dist_pool(2).run(lw.run_cases, sources, timeout=TIMEOUT_S)[0]
     jobs = [lw.Reload(p, moe, "tp1", saved[_name(p, moe, layout)]["checkpoint"], False) for p, moe, layout in SOURCES]
     jobs += [lw.Reload(p, moe, "tp1", saved[_name(p, moe, layout)]["checkpoint"], True) for p, moe, layout in FULL_STATE]
     # Distributed-optimizer state into a plain optimizer: refused with a one-line fix.
     jobs.append(lw.Reload("spannorm", False, "tp1", saved[_name("spannorm", False, "dp2-distopt")]["checkpoint"], True))
-    reloaded = run_distributed(lw.reload_cases, 1, jobs)[0]
+    reloaded = dist_pool(1).run(lw.reload_cases, jobs, timeout=TIMEOUT_S)[0]
     return reference, saved, reloaded
 
 

@@ -5,29 +5,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megaspan.config.loader import load_config
 from megaspan.models import build_model
 from megaspan.runtime import initialize_model_parallel
-
-VOCAB = 128
-
-
-def tiny_cfg(placement: str, moe: bool, extra=()):
-    overrides = [
-        f"model.norm_placement={placement}",
-        "model.num_layers=4",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.num_query_groups=2",
-        "model.seq_length=16",
-        "model.normalization=RMSNorm",
-        "model.activation=swiglu",
-        "precision.dtype=fp32",
-    ]
-    if moe:
-        overrides += ["model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.aux_loss_coeff=0",
-                      "model.moe.ffn_hidden_size=32"]
-    return load_config(None, overrides + list(extra))
+from tests.helpers.models import VOCAB, tiny_cfg
 
 
 def fixed_batch(seq=16, batch=2):
@@ -66,7 +46,7 @@ def loss_and_grads(rank, world_size, tp: int, cases):
     results = {}
     for placement, moe in cases:
         extra = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}"]
-        cfg = tiny_cfg(placement, moe, extra)
+        cfg = tiny_cfg(placement, moe, extra=extra)
         initialize_model_parallel(cfg.parallel, seed=1234)
         built = build_model(cfg, vocab_size=VOCAB)
         model = DistributedDataParallel(
@@ -94,7 +74,7 @@ def pipeline_layouts(rank, world_size, cases):
 
 def pipeline_layout(placement, extra):
     """Per local layer: global layer_number, plan, built norm slot types, LNS scale."""
-    cfg = tiny_cfg(placement, False, extra)
+    cfg = tiny_cfg(placement, False, extra=extra)
     initialize_model_parallel(cfg.parallel, seed=1234)
     built = build_model(cfg, vocab_size=VOCAB)
     layers = []

@@ -7,8 +7,11 @@ an obscure CUDA error deep inside a training step.
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,57 @@ def test_single_process_ignores_an_inherited_busy_master_port():
         )
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def _os_threads() -> list[str]:
+    """Names of this process's OS threads (``threading`` does not see gloo's C++ threads)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:  # the thread ended while we listed
+            pass
+    return names
+
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_reinitializing_model_parallel_keeps_threads_and_groups_flat(single_process_group):
+    """Megatron's destroy_model_parallel only drops its group handles; each re-initialization
+    used to leave ~20 gloo groups (60 threads at world size 1) alive until the process exited."""
+    import torch.distributed as dist
+
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig(), seed=1)
+    threads = len(_os_threads())
+    groups = len(dist.distributed_c10d._world.pg_map)
+    for _ in range(30):
+        initialize_model_parallel(ParallelConfig(), seed=1)
+    # Other libraries may start a thread or two meanwhile; a leak adds ~60 per re-initialization.
+    assert len(_os_threads()) <= threads + 5, Counter(_os_threads())
+    assert len(dist.distributed_c10d._world.pg_map) == groups
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_destroy_leaves_no_process_group_threads(single_process_group):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import destroy, init_process_group, initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig(), seed=1)
+    assert any(name in GLOO_THREADS for name in _os_threads())
+    try:
+        destroy()
+        assert not dist.is_initialized()
+        assert not parallel_state.model_parallel_is_initialized()
+        # No module global of parallel_state keeps a (destroyed) group's threads alive.
+        assert not [n for n, v in vars(parallel_state).items() if isinstance(v, dist.ProcessGroup)]
+        assert [name for name in _os_threads() if name in GLOO_THREADS] == []
+    finally:
+        init_process_group()  # the session's group, for the tests that follow

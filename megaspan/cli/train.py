@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    from megaspan.runtime import setup_cpu
     from megaspan.training.trainer import train
 
+    setup_cpu()  # Megatron-Core's CUDA sites emulated on a CPU-only machine; a no-op with CUDA
     return train(cfg)

@@ -38,6 +38,7 @@ COMMANDS: tuple[str, ...] = (
     "info",
     "tokenizer",
     "preprocess",
+    "bench",
 )
 """Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 

@@ -1,0 +1,313 @@
+"""``megaspan bench``'s library entry point: :func:`run_bench`.
+
+Timing protocol: every model is built, then each gets ``warmup`` untimed steps, then ``repeats``
+timed steps in round-robin order (model A step, model B step, ..., A, B, ...), so machine noise
+(a shared CPU, thermal drift) lands on all models alike; the statistic is the median with its
+IQR. On CUDA each step is timed with CUDA events after a device synchronize, and the models run
+one after another instead (``schedule='sequential'``): several 1B-parameter models with their
+optimizer state do not fit on one GPU together, and a GPU's step time hardly drifts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from megaspan.bench import report
+from megaspan.bench.presets import common_overrides, get_preset
+from megaspan.errors import BackendError, ConfigError
+
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "fp32": ("precision.dtype=fp32", "precision.fp8=null"),
+    "bf16": ("precision.dtype=bf16", "precision.fp8=null"),
+    "fp8-tensorwise": ("precision.dtype=bf16", "precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"),
+    "fp8-delayed": ("precision.dtype=bf16", "precision.fp8=hybrid", "precision.fp8_recipe=delayed"),
+}
+BASELINES = ("stock", "bare-loop")
+
+
+@dataclass
+class BenchOptions:
+    preset: str = "cpu-small"
+    placements: list[str] | None = None  # None = the preset's list (or every placement)
+    precisions: list[str] | None = None  # None = the preset's precision
+    repeats: int | None = None
+    warmup: int | None = None
+    baselines: bool = True  # time stock and bare-loop too
+    schedule: str = "auto"  # "auto" | "round-robin" | "sequential"
+    peak_tflops: float | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def _placements(opts: BenchOptions, preset) -> list[str]:
+    from megaspan.norms import available
+
+    known = available()
+    names = opts.placements or list(preset.placements) or list(known)
+    for name in names:
+        if name in BASELINES:
+            raise ConfigError(f"--placements {name}: stock and bare-loop are always timed; list placements only")
+        if name not in known:
+            raise ConfigError(f"--placements: unknown placement '{name}' (known: {', '.join(known)})")
+    if "pre" not in names:
+        names = ["pre", *names]  # every ratio is against pre
+    return list(dict.fromkeys(names))
+
+
+def _precisions(opts: BenchOptions, preset, cuda: bool, te: bool) -> list[str]:
+    names = opts.precisions or [preset.precision]
+    for name in names:
+        if name not in PRECISIONS:
+            raise ConfigError(f"--precision {name}: use one of {', '.join(PRECISIONS)}")
+        if name.startswith("fp8") and not (cuda and te):
+            raise BackendError(
+                f"--precision {name} needs a CUDA GPU with Transformer Engine (use the docker/ image), "
+                "or bench fp32/bf16"
+            )
+    return list(dict.fromkeys(names))
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("torch", "megatron-core", "megaspan", "transformer-engine", "transformer_engine"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    import torch
+
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def build_config(preset_name: str, precision: str, overrides: list[str], world_size: int = 1):
+    """The bench config for one precision: common settings, preset, precision, user overrides."""
+    from megaspan.config.loader import load_config
+
+    preset = get_preset(preset_name)
+    extra: list[str] = []
+    if preset.expert_parallel_from_world and not any(
+        o.startswith("parallel.expert_model_parallel_size=") for o in overrides
+    ):
+        extra.append(f"parallel.expert_model_parallel_size={world_size}")
+    cfg = load_config(None, [*common_overrides(), *preset.overrides, *PRECISIONS[precision], *extra, *overrides])
+    if cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size must be set for megaspan bench (it uses synthetic tokens)")
+    return cfg
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Build, time and report every model; returns the JSON document (see report.document)."""
+    import torch
+    import torch.distributed as dist
+
+    from megaspan import runtime
+    from megaspan.bench.flops import config_step_flops, peak_tflops
+    from megaspan.bench.models import SyntheticTokens, build_candidate
+    from megaspan.models import te_available
+    from megaspan.training.setup import check_schedule
+
+    preset = get_preset(opts.preset)
+    cuda = torch.cuda.is_available()
+    placements = _placements(opts, preset)
+    precisions = _precisions(opts, preset, cuda, te_available())
+    warmup = preset.warmup if opts.warmup is None else opts.warmup
+    repeats = preset.repeats if opts.repeats is None else opts.repeats
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0 (got {repeats}, {warmup})")
+    schedule = opts.schedule if opts.schedule != "auto" else ("sequential" if cuda else "round-robin")
+    if schedule not in ("round-robin", "sequential"):
+        raise ConfigError(f"--schedule {opts.schedule}: use auto, round-robin or sequential")
+
+    world = dist.get_world_size() if dist.is_initialized() else runtime.env_from_launcher().world_size
+    steps_needed = warmup + repeats + 2
+    overrides = [*opts.overrides, f"training.steps={max(steps_needed, 10)}"]
+    cfgs: dict[tuple[str, str], Any] = {}
+    for p in precisions:  # every config is built and checked before any model is
+        for name in placements:
+            cfg = build_config(opts.preset, p, [*overrides, f"model.norm_placement={name}"], world)
+            check_schedule(cfg)
+            _validate(cfg, world)
+            cfgs[p, name] = cfg
+    # Every user-input check is done: only now touch process groups (nothing to clean up above).
+    owns_group = not dist.is_initialized()
+    if hasattr(runtime, "setup_cpu"):
+        runtime.setup_cpu()  # no-op with a GPU
+    runtime.init_process_group()
+    device = runtime.device()
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    load_before = _load()
+    rows: list[report.Row] = []
+    try:
+        for precision in precisions:
+            cfg = cfgs[precision, "pre"]
+            runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
+            _init_microbatches(cfg, world)
+            _seed(cfg)
+            dataset = SyntheticTokens(cfg.model.seq_length, cfg.model.vocab_size, cfg.training.seed)
+            names = [*placements, *(BASELINES if opts.baselines else ())]
+            tokens = cfg.training.global_batch_size * cfg.model.seq_length
+            rows += _time_models(
+                names, cfg, lambda name, p=precision: cfgs[p, name], dataset, device, precision, tokens,
+                warmup, repeats, schedule, cuda, build_candidate, config_step_flops,
+            )
+    finally:
+        runtime.destroy() if owns_group else None
+    load_after = _load()
+    peaks = {p: (opts.peak_tflops or peak_tflops(device_name if cuda else None, p)) for p in precisions}
+    report.finalize(rows, peaks, world)
+    meta = {
+        "preset": opts.preset,
+        "precisions": precisions,
+        "placements": placements,
+        "warmup": warmup,
+        "repeats": repeats,
+        "schedule": schedule,
+        "world_size": world,
+        "device": device_name,
+        "machine": {
+            "hostname": platform.node(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": _versions(),
+        "load_average": {"before": load_before, "after": load_after},
+        "peak_tflops": peaks,
+        "overrides": list(opts.overrides),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    return report.document(meta, rows)
+
+
+def _validate(cfg, world: int) -> None:
+    """The project's data-free checks (layout, backend, precision), whatever their signature today."""
+    import inspect
+
+    from megaspan.config.validate import validate
+
+    params = inspect.signature(validate).parameters
+    if "capabilities" in params:
+        from megaspan.models import detect_capabilities
+
+        validate(cfg, world, detect_capabilities())
+    else:
+        validate(cfg, world)
+
+
+def _init_microbatches(cfg, world: int) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        init_num_microbatches_calculator,
+    )
+
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(
+        dist.get_rank(), None, cfg.training.global_batch_size, cfg.training.micro_batch_size,
+        ps.get_data_parallel_world_size(),
+    )
+
+
+def _seed(cfg) -> None:
+    """The trainer's global seeding and determinism switches (they change kernel choices)."""
+    try:
+        from megaspan.training.build import seed_everything
+    except ImportError:  # the trainer before the build.py split
+        from megaspan.training.trainer import _seed_everything as seed_everything
+
+    seed_everything(cfg.training.seed, cfg.training.deterministic)
+
+
+def _loss(value) -> float | None:
+    """A step's loss: a float, a StepResult (lazy ``loss``) or None (bare loop)."""
+    if value is None:
+        return None
+    return float(getattr(value, "loss", value))
+
+
+def _timed(step, cuda: bool) -> tuple[float, object]:
+    """(seconds, step's return) of one step; CUDA events around it on GPU, the wall clock on CPU."""
+    import torch
+
+    if not cuda:
+        t0 = time.perf_counter()
+        loss = step()
+        return time.perf_counter() - t0, loss
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    loss = step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, loss
+
+
+def _time_models(
+    names, cfg, cfg_for, dataset, device, precision, tokens, warmup, repeats, schedule, cuda, build, flops_of
+) -> list[report.Row]:
+    import torch
+
+    rows: dict[str, report.Row] = {}
+    peak_mem: dict[str, float] = {}
+
+    def make(name):
+        cand = build(name, cfg_for, dataset, cfg.model.vocab_size, device)
+        rows[name] = report.Row(
+            model=name, kind=cand.kind, placement=cand.placement, precision=precision,
+            backend=cand.backend, times_s=[], tokens_per_step=tokens, num_params=cand.num_params,
+            flops_per_step=flops_of(cfg, cand.padded_vocab),
+        )
+        return cand
+
+    def one(cand, timed: bool) -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds, loss = _timed(cand.step, cuda)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            peak_mem[cand.name] = max(peak_mem.get(cand.name, 0.0), peak)
+        if timed:
+            rows[cand.name].times_s.append(seconds)
+            rows[cand.name].final_loss = _loss(loss)  # after the clock stopped
+
+    if schedule == "round-robin":
+        cands = [make(n) for n in names]
+        for _ in range(warmup):
+            for c in cands:
+                one(c, timed=False)
+        for _ in range(repeats):
+            for c in cands:
+                one(c, timed=True)
+        for c in cands:
+            c.close()
+    else:
+        for n in names:
+            c = make(n)
+            for _ in range(warmup):
+                one(c, timed=False)
+            for _ in range(repeats):
+                one(c, timed=True)
+            c.close()
+            del c
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    for name, peak in peak_mem.items():
+        rows[name].max_memory_gib = peak
+    return [rows[n] for n in names]

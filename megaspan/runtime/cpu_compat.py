@@ -1,13 +1,14 @@
 """Run Megatron-Core 0.19.2 on CPU with gloo.
 
-Megatron-Core assumes CUDA in a handful of places (see shared/docs/megatron-core-notes.md §2.3):
+Megatron-Core assumes CUDA in a handful of places:
 the "CUDA" RNG tracker, ``torch.cuda.current_device()`` for buffers, side streams in the MoE
 alltoall dispatcher, hard-coded ``device="cuda"`` in the pipeline schedules, ``.type()`` checks
 in the optimizer and grad clipping, and numpy split sizes in the alltoall dispatcher.
 
 :func:`apply` patches exactly those sites when no CUDA device is present and does nothing when
-one is. It must run in every process before a model is built (``megaspan.runtime.initialize``
-calls it). Every Megatron-Core private name touched here is listed in :data:`PATCHED_NAMES`;
+one is. Entry points switch it on explicitly (``megaspan.runtime.setup_cpu()``: the ``megaspan``
+commands, the test fixtures and harness ranks) before a model is built;
+``megaspan.runtime.initialize_model_parallel`` refuses to run on a CPU-only machine without it. Every Megatron-Core private name touched here is listed in :data:`PATCHED_NAMES`;
 ``tests/unit/test_runtime_contract.py`` fails loudly if one of them disappears in an upgrade.
 """
 
@@ -49,10 +50,13 @@ def cuda_available() -> bool:
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Rewrite ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` to CPU inside the schedules.
+    """Rewrite ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` to CPU, and report CPU tensors'
+    ``.type()`` by their CUDA names, inside the schedules and the optimizer.
 
-    Only entered around pipeline-schedule calls, where Megatron-Core hard-codes CUDA tensors
-    for token counting; elsewhere no per-op overhead is paid.
+    Only entered around pipeline-schedule calls (where Megatron-Core hard-codes CUDA tensors for
+    token counting) and around optimizer construction, step and checkpoint loading (type checks
+    in the optimizer and grad clipping); elsewhere no per-op overhead is paid and no process-wide
+    ``Tensor`` method is replaced.
     """
 
     @staticmethod
@@ -65,6 +69,11 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizer and grad clipping check parameter types by their CUDA names
+            # ("torch.cuda.FloatTensor"); they run inside this mode (training.setup.cuda_free).
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs:
             kwargs["device"] = self._fix(kwargs["device"])
         if func is torch.Tensor.cuda:
@@ -132,21 +141,6 @@ def _patch_torch_cuda() -> None:
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     torch.Tensor.record_stream = lambda self, stream: None
-
-    # Megatron's optimizer and grad clipping assert parameter types by their CUDA names.
-    original_type = torch.Tensor.type
-
-    def type_(self, dtype=None, non_blocking=False, **kwargs):
-        if dtype is None and not kwargs:
-            name = original_type(self)
-            # Idempotent: under CudaToCpuMode, original_type re-enters this function through
-            # __torch_function__ and already returns the CUDA name.
-            if self.is_cuda or name.startswith("torch.cuda."):
-                return name
-            return name.replace("torch.", "torch.cuda.", 1)
-        return original_type(self, dtype, non_blocking, **kwargs)
-
-    torch.Tensor.type = type_
 
 
 def _patch_megatron() -> None:
@@ -246,7 +240,10 @@ def _patch_megatron() -> None:
 
 
 def apply() -> bool:
-    """Patch Megatron-Core for CPU execution; a no-op with CUDA. Returns True if patched."""
+    """Patch Megatron-Core for CPU execution; a no-op with CUDA. Returns True if patched.
+
+    Called explicitly by entry points through :func:`megaspan.runtime.setup_cpu`.
+    """
     global _applied
     if cuda_available():
         return False

@@ -33,6 +33,28 @@ def test_patched_megatron_name_exists(module, attr):
     assert _resolve(module, attr) is not None
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_cpu_emulation_is_explicit():
+    """Neither importing the runtime nor initializing a process group switches the emulation on;
+    building Megatron state without it fails with the fix (checked in a fresh interpreter)."""
+    code = (
+        "import torch\n"
+        "from megaspan.runtime import cpu_compat, init_process_group, initialize_model_parallel\n"
+        "from megaspan.config.schema import ParallelConfig\n"
+        "init_process_group()\n"
+        "assert not cpu_compat.is_applied()\n"
+        "try:\n"
+        "    initialize_model_parallel(ParallelConfig(), seed=1)\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'setup_cpu()' in str(exc), exc\n"
+        "    print('refused')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused" in out.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_apply_patches_cpu_sites(single_process_group):
     from megatron.core.pipeline_parallel import schedules
@@ -43,8 +65,11 @@ def test_apply_patches_cpu_sites(single_process_group):
     assert torch.cuda.current_device() == "cpu"
     assert schedules.forward_backward_no_pipelining.__wrapped__ is not None
     assert token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True).tolist() == [1, 2]
-    assert torch.zeros(2).type() == "torch.cuda.FloatTensor"
-    assert torch.zeros(2).type(torch.float64).dtype == torch.float64
+    # Tensor.type is not replaced process-wide: only inside the schedules/optimizer mode.
+    assert torch.zeros(2).type() == "torch.FloatTensor"
+    with cpu_compat.CudaToCpuMode():
+        assert torch.zeros(2).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(2).type(torch.float64).dtype == torch.float64
     state = mrandom._get_cuda_rng_state()
     assert torch.equal(state, torch.get_rng_state())
 
@@ -56,6 +81,7 @@ def test_schedule_device_rewrite(single_process_group):
     assert t.device.type == "cpu" and u.device.type == "cpu"
 
 
+@pytest.mark.integration
 def test_inert_when_cuda_is_available():
     """With CUDA present apply() changes nothing (checked in a fresh interpreter)."""
     code = (
@@ -87,6 +113,7 @@ def test_cpu_rng_tracker_fork_restores_state(single_process_group):
     assert not torch.equal(inside, again)  # the forked stream advanced
 
 
+@pytest.mark.integration
 def test_single_process_ignores_an_inherited_busy_master_port():
     """A world-size-1 run (e.g. `megaspan train` started from a process that holds its own
     store) must not try to bind the MASTER_PORT it inherited."""

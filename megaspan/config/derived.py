@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megaspan.config.schema import ModelConfig
+from megaspan.config.schema import MegaspanConfig, ModelConfig
 
 
 def ffn_hidden_size(model: ModelConfig) -> int:
@@ -13,3 +13,8 @@ def ffn_hidden_size(model: ModelConfig) -> int:
         # LLaMA convention: 8/3 h keeps SwiGLU's parameter count at the 4h GeLU MLP's.
         return 64 * ((8 * model.hidden_size // 3 + 63) // 64)
     return 4 * model.hidden_size
+
+
+def decay_steps(cfg: MegaspanConfig) -> int:
+    """Steps of the LR decay: ``schedule.decay_steps`` or the whole run."""
+    return cfg.schedule.decay_steps or cfg.training.steps

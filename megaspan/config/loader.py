@@ -22,7 +22,6 @@ from megaspan.errors import ConfigError
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
-
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -98,6 +97,20 @@ def _assign(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
             f"unknown config key '{key}' (valid keys in {section}: {', '.join(sorted(fields))})"
         )
     current = getattr(obj, name)
+    if isinstance(current, dict):
+        # An open mapping (model.norm): keys are checked once the placement is known, by
+        # norm_options() at the end of load_config (the placement may be set after its options).
+        if len(rest) > 1:
+            raise ConfigError(
+                f"unknown config key '{key}.{'.'.join(rest)}' ('{key}.{rest[0]}' is not a section)"
+            )
+        if rest:
+            current[rest[0]] = value
+        elif isinstance(value, dict):
+            current.update({str(k): v for k, v in value.items()})
+        else:
+            raise ConfigError(f"{key}: expected a mapping of option: value")
+        return
     if dataclasses.is_dataclass(current):
         if rest:
             _assign(current, rest, value, key + ".")
@@ -148,7 +161,48 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         except yaml.YAMLError:
             value = raw
         _assign(cfg, key.strip().split("."), value)
+    cfg.model.norm = norm_options(cfg)
     return cfg
+
+
+def norm_options(cfg: MegaspanConfig):
+    """``model.norm`` resolved against ``model.norm_placement``: that placement's ``Options``.
+
+    Accepts the raw mapping (from YAML/overrides or a fresh ``MegaspanConfig()``) or options that
+    are already resolved. A key that is not an option of the selected placement fails in one line
+    naming the valid ones (and the placement it belongs to, if any).
+    """
+    # The placement registry is torch-free and imported only here, at call time, so
+    # `import megaspan.config` stays independent of megaspan.norms (see megaspan.norms.registry).
+    from megaspan.norms.registry import available, get_placement_class
+
+    name = cfg.model.norm_placement
+    cls = get_placement_class(name)
+    raw = cfg.model.norm
+    if isinstance(raw, cls.Options):
+        return raw
+    if dataclasses.is_dataclass(raw):
+        # Options of another placement (norm_placement changed in code): carry over what was set.
+        defaults = type(raw)()
+        raw = {
+            f.name: getattr(raw, f.name)
+            for f in dataclasses.fields(raw)
+            if getattr(raw, f.name) != getattr(defaults, f.name)
+        }
+    options = cls.Options()
+    valid = sorted(_fields(options))
+    for key, value in dict(raw).items():
+        if key not in valid:
+            owners = [
+                n for n, c in available().items() if key in {f.name for f in dataclasses.fields(c.Options)}
+            ]
+            owner = f"; it is an option of {', '.join(owners)}" if owners else ""
+            raise ConfigError(
+                f"model.norm.{key} is not an option of model.norm_placement={name} "
+                f"(its options: {', '.join(valid)}){owner}"
+            )
+        _assign(options, [key], value, "model.norm.")
+    return options
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

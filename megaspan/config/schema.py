@@ -12,29 +12,7 @@ Field docstrings sit on the line after the field (torchtitan style) and are show
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
-
-
-@dataclass(kw_only=True)
-class NormOptions:
-    """Switches of the placements whose exact equations are uncertain or tunable."""
-
-    span_include_attn_term: bool = False
-    """SpanNorm: add the attention output A(x~) inside the block's final norm N2."""
-    span_include_y_term: bool = False
-    """SpanNorm: add y = N1(x + A) inside N2 (makes SpanNorm equal to B2T's sum)."""
-    span_residual_alpha: float = 1.0
-    """SpanNorm: multiplier on the block input x inside both norms."""
-    span_branch_init: Literal["megatron", "b2t"] = "megatron"
-    """SpanNorm branch init: 'megatron' = sigma/sqrt(2L) on output projections; 'b2t' = L^-1/2 on all block weights."""
-    mixln_alpha: float = 0.25
-    """Mix-LN: the first floor(alpha*L) blocks are Post-LN, the rest Pre-LN."""
-    deepnorm_alpha: Optional[float] = None
-    """DeepNorm residual multiplier; None = (2L)^(1/4) (decoder-only rule)."""
-    deepnorm_beta: Optional[float] = None
-    """DeepNorm init gain on v/proj/fc1/fc2; None = (8L)^(-1/4)."""
-    final_norm: Optional[bool] = None
-    """Final norm before the LM head; None = the placement's default."""
+from typing import Any, Literal, Optional
 
 
 @dataclass(kw_only=True)
@@ -75,7 +53,10 @@ class ModelConfig:
     activation: Literal["gelu", "swiglu"] = "swiglu"
     norm_placement: str = "spannorm"
     """One of: megaspan info lists them (pre, post, spannorm, b2t, hybridnorm, ...)."""
-    norm: NormOptions = field(default_factory=NormOptions)
+    norm: Any = field(default_factory=dict)
+    """Options of the selected placement (model.norm.<option>; e.g. SpanNorm's span_*, Mix-LN's
+    mixln_alpha, DeepNorm's deepnorm_alpha/beta; final_norm for all). The loader turns this
+    mapping into that placement's Options dataclass; `megaspan info` lists the options."""
     init_method_std: Optional[float] = None
     """None = the placement's default (0.02; HybridNorm uses 1/sqrt(2.5*hidden))."""
     hidden_dropout: float = 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megaspan.config.loader import norm_options
 from megaspan.config.schema import MegaspanConfig
 from megaspan.models.backend import resolve_impl
 from megaspan.models.mcore_config import padded_vocab_size, transformer_config
@@ -26,7 +27,8 @@ class BuiltModel:
 
 
 def placement_for(cfg: MegaspanConfig) -> Placement:
-    return build_placement(cfg.model.norm_placement, cfg.model.norm, cfg.model.num_layers)
+    """The configured placement, with ``model.norm`` resolved to its options."""
+    return build_placement(cfg.model.norm_placement, norm_options(cfg), cfg.model.num_layers)
 
 
 def apply_init_rules(chunks, placement: Placement) -> None:

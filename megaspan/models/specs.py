@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megaspan.norms.base import LayerPlan, Placement
+from megaspan.norms.base import Placement
 from megaspan.norms.layer import (
     NormPlacementSubmodules,
     NormPlacementTransformerLayer,
@@ -40,6 +40,7 @@ from megaspan.norms.layer import (
     QKVNormSelfAttentionSubmodules,
 )
 from megaspan.norms.modules import HeadNorm, SPNorm
+from megaspan.norms.slots import SLOTS, LayerPlan
 
 
 class _Backend:
@@ -63,7 +64,9 @@ class _Backend:
 def _attention_spec(backend: _Backend, plan: LayerPlan, fuse_norm: bool) -> ModuleSpec:
     p = backend.provider
     linear_qkv = p.column_parallel_layer_norm_linear() if fuse_norm else p.column_parallel_linear()
-    common = dict(linear_qkv=linear_qkv, core_attention=p.core_attention(), linear_proj=p.row_parallel_linear())
+    common = dict(
+        linear_qkv=linear_qkv, core_attention=p.core_attention(), linear_proj=p.row_parallel_linear()
+    )
     if plan.qkv_norm:
         return ModuleSpec(
             module=QKVNormSelfAttention,
@@ -90,39 +93,36 @@ def _mlp_spec(backend: _Backend, is_moe: bool, num_experts, grouped_gemm: bool, 
     )
 
 
-def layer_spec(config, placement: Placement, layer_number: int, backend: _Backend, is_moe: bool) -> ModuleSpec:
+def layer_spec(
+    config, placement: Placement, layer_number: int, backend: _Backend, is_moe: bool
+) -> ModuleSpec:
     """The spec of global layer ``layer_number`` (1-based)."""
     plan = placement.plan(layer_number)
     # TE can fuse a pre-norm into the following linear only if nothing else needs the norm's
     # output and it is not rescaled; the local backend records the same decision in its key map.
-    can_fuse = plan.norm_scale == 1.0
-    fuse_input = plan.input_norm and can_fuse
-    fuse_pre_mlp = plan.pre_mlp_norm and can_fuse and not plan.mlp_residual_normed and not is_moe
-    norm = backend.norm
-    keys_map = {}
-    if backend.fuses:
-        input_norm = IdentityOp if fuse_input else (norm if plan.input_norm else IdentityOp)
-        pre_mlp_norm = IdentityOp if fuse_pre_mlp else (norm if plan.pre_mlp_norm else IdentityOp)
-    else:
-        input_norm = norm if plan.input_norm else IdentityOp
-        pre_mlp_norm = norm if plan.pre_mlp_norm else IdentityOp
-        if fuse_input:
-            keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
-        if fuse_pre_mlp:
-            keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    # The MLP's input norm also stays unfused when the MLP residual is the normed input
+    # (HybridNorm) and for MoE layers (the router reads the norm output too).
+    unfusable = {"attention": False, "mlp": plan.mlp_residual_normed or is_moe}
+    norms, keys_map = {}, {}
+    fused = {"attention": False, "mlp": False}  # does the sublayer's first linear own a norm?
+    for slot in SLOTS:
+        on = getattr(plan, slot.flag)
+        fuse = on and slot.fused_key is not None and plan.norm_scale == 1.0 and not unfusable[slot.sublayer]
+        fused[slot.sublayer] |= fuse
+        if fuse and backend.fuses:
+            norms[slot.module] = IdentityOp  # TE's fused norm+linear owns it
+        else:
+            norms[slot.module] = backend.norm if on else IdentityOp
+            if fuse:
+                keys_map[f"{slot.module}."] = slot.fused_key
     submodules = NormPlacementSubmodules(
-        input_layernorm=input_norm,
-        self_attention=_attention_spec(backend, plan, fuse_input and backend.fuses),
+        **norms,
+        self_attention=_attention_spec(backend, plan, fused["attention"] and backend.fuses),
         self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=pre_mlp_norm,
         mlp=_mlp_spec(
-            backend, is_moe, config.num_moe_experts, config.moe_grouped_gemm, fuse_pre_mlp and backend.fuses
+            backend, is_moe, config.num_moe_experts, config.moe_grouped_gemm, fused["mlp"] and backend.fuses
         ),
         mlp_bda=get_bias_dropout_add,
-        post_attn_norm=norm if plan.post_attn_norm else IdentityOp,
-        post_mlp_norm=norm if plan.post_mlp_norm else IdentityOp,
-        attn_out_norm=norm if plan.attn_out_norm else IdentityOp,
-        mlp_out_norm=norm if plan.mlp_out_norm else IdentityOp,
         sharded_state_dict_keys_map=keys_map,
     )
     return ModuleSpec(
@@ -153,4 +153,6 @@ def block_spec(
         layer_spec(config, placement, layer_number, backend, moe[layer_number - 1])
         for layer_number in range(offset + 1, offset + count + 1)
     ]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=backend.norm if placement.final_norm else None)
+    return TransformerBlockSubmodules(
+        layer_specs=specs, layer_norm=backend.norm if placement.final_norm else None
+    )

@@ -1,73 +1,31 @@
 """Normalization placements: a registry of one class per placement, selected by name.
 
-Adding a placement = one new module here with a :class:`Placement` subclass, listed in
-``_MODULES`` below, plus its reference equations in tests/unit/reference.py.
+Adding a placement = one new module in :mod:`megaspan.norms.placements` with a ``@register``-ed
+:class:`Placement` subclass (and its ``Options`` dataclass if it has knobs), plus its reference
+equations in tests/unit/reference.py. Adding a norm slot = one row in :mod:`megaspan.norms.slots`.
+
+This package's top level is torch-free (see :mod:`megaspan.norms.registry`); the Megatron layer
+lives in :mod:`megaspan.norms.layer`.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from megaspan.errors import ConfigError
-from megaspan.norms.base import LayerPlan, Placement
-
-_MODULES = (
-    "pre",
-    "post",
-    "spannorm",
-    "b2t",
-    "hybridnorm",
-    "deepnorm",
-    "mixln",
-    "peri",
-    "lns",
+from megaspan.norms.base import Placement, PlacementOptions
+from megaspan.norms.registry import (
+    UnknownPlacementError,
+    available,
+    build_placement,
+    get_placement_class,
+    register,
 )
-
-_REGISTRY: dict[str, type[Placement]] = {}
-
-
-def register(cls: type[Placement]) -> type[Placement]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"placement '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load() -> None:
-    if _REGISTRY:
-        return
-    for mod in _MODULES:
-        module = importlib.import_module(f"megaspan.norms.{mod}")
-        for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, Placement) and obj.__module__ == module.__name__:
-                register(obj)
-
-
-class UnknownPlacementError(ConfigError):
-    pass
-
-
-def available() -> dict[str, type[Placement]]:
-    _load()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_placement_class(name: str) -> type[Placement]:
-    registry = available()
-    if name not in registry:
-        raise UnknownPlacementError(
-            f"unknown norm placement '{name}': set model.norm_placement to one of {', '.join(registry)}"
-        )
-    return registry[name]
-
-
-def build_placement(name: str, options, num_layers: int) -> Placement:
-    return get_placement_class(name)(options, num_layers)
-
+from megaspan.norms.slots import SLOTS, LayerPlan, NormSlot
 
 __all__ = [
+    "SLOTS",
     "LayerPlan",
+    "NormSlot",
     "Placement",
+    "PlacementOptions",
     "UnknownPlacementError",
     "available",
     "build_placement",

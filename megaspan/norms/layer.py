@@ -17,25 +17,26 @@ Full-layer recompute re-runs ``forward`` and so re-stashes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megaspan.norms.base import LayerPlan, Placement
+from megaspan.norms.base import Placement
 from megaspan.norms.modules import add_output_scale
+from megaspan.norms.slots import EXTRA_SLOTS, LayerPlan
 
-
-@dataclass
-class NormPlacementSubmodules(TransformerLayerSubmodules):
-    """Megatron's layer slots plus the post-/output-norm slots some placements need."""
-
-    post_attn_norm: object = IdentityOp
-    post_mlp_norm: object = IdentityOp
-    attn_out_norm: object = IdentityOp
-    mlp_out_norm: object = IdentityOp
+NormPlacementSubmodules = make_dataclass(
+    "NormPlacementSubmodules",
+    [(slot.module, object, field(default=IdentityOp)) for slot in EXTRA_SLOTS],
+    bases=(TransformerLayerSubmodules,),
+    module=__name__,
+)
+NormPlacementSubmodules.__doc__ = (
+    "Megatron's layer slots plus one field per extra norm slot of megaspan.norms.slots.SLOTS."
+)
 
 
 class NormPlacementTransformerLayer(TransformerLayer):
@@ -65,10 +66,8 @@ class NormPlacementTransformerLayer(TransformerLayer):
         def make_norm(builder):
             return builder(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
 
-        self.post_attn_norm = make_norm(submodules.post_attn_norm)
-        self.post_mlp_norm = make_norm(submodules.post_mlp_norm)
-        self.attn_out_norm = make_norm(submodules.attn_out_norm)
-        self.mlp_out_norm = make_norm(submodules.mlp_out_norm)
+        for slot in EXTRA_SLOTS:  # Megatron's own slots are built by TransformerLayer
+            setattr(self, slot.module, make_norm(getattr(submodules, slot.module)))
         if plan.norm_scale != 1.0:
             for norm in (self.input_layernorm, self.pre_mlp_layernorm):
                 if not isinstance(norm, IdentityOp):
@@ -122,10 +121,9 @@ class NormPlacementTransformerLayer(TransformerLayer):
     def _get_submodules_under_cudagraphs(self):
         submodules = super()._get_submodules_under_cudagraphs()
         if self.config.cuda_graph_modules:
-            if self.self_attention in submodules:
-                submodules += [self.post_attn_norm, self.attn_out_norm]
-            if self.mlp in submodules:
-                submodules += [self.post_mlp_norm, self.mlp_out_norm]
+            for sublayer, module in (("attention", self.self_attention), ("mlp", self.mlp)):
+                if module in submodules:
+                    submodules += [getattr(self, s.module) for s in EXTRA_SLOTS if s.sublayer == sublayer]
         return submodules
 
 
@@ -149,7 +147,9 @@ class QKVNormSelfAttention(SelfAttention):
             eps=self.config.layernorm_epsilon,
         )
 
-    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+    def get_query_key_value_tensors(
+        self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
+    ):
         if not split_qkv:
             raise NotImplementedError("QKV-norm attention needs split_qkv=True (no fused QKV path)")
         out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)

@@ -30,7 +30,7 @@ class SPNorm(nn.Module):
         for p in self.parameters():
             # Replicated over TP; with SP each rank sees different tokens, so grads must be
             # all-reduced over TP (finalize_model_grads keys on this attribute).
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+            p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megaspan.config.loader import ConfigError
+from megaspan.config.derived import decay_steps
 from megaspan.config.schema import MegaspanConfig
+from megaspan.config.validate import check_schedule  # noqa: F401 - moved to config.validate; old import path
 from megaspan.models.mcore_config import resolve_dtype
 
 
@@ -34,34 +35,6 @@ def cuda_free() -> contextlib.AbstractContextManager:
     from megaspan.runtime.cpu_compat import CudaToCpuMode
 
     return CudaToCpuMode()
-
-
-def decay_steps(cfg: MegaspanConfig) -> int:
-    return cfg.schedule.decay_steps or cfg.training.steps
-
-
-def check_schedule(cfg: MegaspanConfig) -> None:
-    """Catch what OptimizerParamScheduler would only assert, with a one-line fix."""
-    sch, opt = cfg.schedule, cfg.optimizer
-    if cfg.training.steps < 1:
-        raise ConfigError(f"training.steps must be >= 1, got {cfg.training.steps}")
-    if sch.warmup_steps >= decay_steps(cfg):
-        raise ConfigError(
-            f"schedule.warmup_steps={sch.warmup_steps} must be < the decay steps ({decay_steps(cfg)}): "
-            "shorten the warmup or raise schedule.decay_steps/training.steps"
-        )
-    if opt.min_lr > opt.lr or opt.min_lr < 0:
-        raise ConfigError(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
-    if sch.decay_style == "WSD" and sch.wsd_decay_steps is None:
-        raise ConfigError("schedule.decay_style=WSD needs schedule.wsd_decay_steps")
-    for key, value in (
-        ("training.eval_interval", cfg.training.eval_interval),
-        ("logging.log_interval", cfg.logging.log_interval),
-        ("checkpoint.save_interval", cfg.checkpoint.save_interval),
-        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-    ):
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 def _wrap_ddp(cfg: MegaspanConfig, chunks: list, tconfig) -> list:

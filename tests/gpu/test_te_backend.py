@@ -61,8 +61,11 @@ def test_te_checkpoint_interchangeable_with_local(gpu_mcore, tmp_path, placement
 
 @pytest.mark.parametrize("placement", ["spannorm", "pre", "b2t", "hybridnorm"])
 def test_fp8_forward_backward(gpu_mcore, placement):
-    cfg = cfg_for(placement, "transformer_engine",
-                  ("precision.dtype=bf16", "precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"))
+    cfg = cfg_for(
+        placement,
+        "transformer_engine",
+        ("precision.dtype=bf16", "precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"),
+    )
     model = build_model(cfg, vocab_size=256, cuda=True).chunks[0].cuda()
     tokens = torch.randint(0, 256, (2, 64), device="cuda")
     pos = torch.arange(64, device="cuda").unsqueeze(0).expand(2, -1)

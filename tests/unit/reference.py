@@ -62,7 +62,7 @@ def qkv_norm_attention(layer, x, kind: str, eps: float):
     return ctx @ sa.linear_proj.weight.t()
 
 
-def block(name: str, layer, x, l: int, L: int, kind: str, eps: float, opts):
+def block(name: str, layer, x, l: int, L: int, kind: str, eps: float, opts):  # noqa: E741 - the papers write l
     """One block x_l -> x_{l+1} of placement ``name``; ``l`` is the global 1-based index."""
     N = lambda slot, t: norm(t, getattr(layer, slot), kind, eps)  # noqa: E731
     if name == "pre":
@@ -90,7 +90,9 @@ def block(name: str, layer, x, l: int, L: int, kind: str, eps: float, opts):
         y = N("post_attn_norm", alpha * x + attn(layer, x))
         return N("post_mlp_norm", alpha * y + mlp(layer, y))
     if name == "mixln":
-        return block("post" if l <= math.floor(opts.mixln_alpha * L) else "pre", layer, x, l, L, kind, eps, opts)
+        return block(
+            "post" if l <= math.floor(opts.mixln_alpha * L) else "pre", layer, x, l, L, kind, eps, opts
+        )
     if name == "peri":
         y = x + N("attn_out_norm", attn(layer, N("input_layernorm", x)))
         return y + N("mlp_out_norm", mlp(layer, N("pre_mlp_layernorm", y)))

@@ -80,7 +80,9 @@ def test_deepnorm_beta_hits_exactly_v_rows(mcore, moe):
             torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("placement", ["pre", "post", "peri", "mixln", "lns", "hybridnorm", "hybridnorm_star"])
+@pytest.mark.parametrize(
+    "placement", ["pre", "post", "peri", "mixln", "lns", "hybridnorm", "hybridnorm_star"]
+)
 def test_placements_without_rescaling_leave_weights(mcore, placement):
     before, after = build_pair(placement)
     for name in before:
@@ -94,12 +96,20 @@ def _std(model, pattern):
 
 @pytest.mark.parametrize(
     "placement,scaled",
-    [("pre", True), ("spannorm", True), ("lns", False), ("b2t", False), ("deepnorm", False), ("hybridnorm", True)],
+    [
+        ("pre", True),
+        ("spannorm", True),
+        ("lns", False),
+        ("b2t", False),
+        ("deepnorm", False),
+        ("hybridnorm", True),
+    ],
 )
 def test_megatron_scaled_output_init(mcore, placement, scaled):
     """Megatron's sigma/sqrt(2L) on linear_proj/fc2 only where the paper uses it (LNS drops it)."""
     built = build_model(
-        make_cfg(placement, extra=("model.hidden_size=256", "model.num_attention_heads=4")), vocab_size=64,
+        make_cfg(placement, extra=("model.hidden_size=256", "model.num_attention_heads=4")),
+        vocab_size=64,
         init_rules=False,
     )
     model = built.chunks[0]
@@ -119,5 +129,9 @@ def test_hybridnorm_megatron_init_std(mcore):
 def test_lns_scale_uses_global_layer_number(mcore):
     built = build_model(make_cfg("lns"), vocab_size=64)
     for layer in built.chunks[0].decoder.layers:
-        assert getattr(layer.input_layernorm, "output_scale", 1.0) == pytest.approx(1 / math.sqrt(layer.layer_number))
-        assert getattr(layer.pre_mlp_layernorm, "output_scale", 1.0) == pytest.approx(1 / math.sqrt(layer.layer_number))
+        assert getattr(layer.input_layernorm, "output_scale", 1.0) == pytest.approx(
+            1 / math.sqrt(layer.layer_number)
+        )
+        assert getattr(layer.pre_mlp_layernorm, "output_scale", 1.0) == pytest.approx(
+            1 / math.sqrt(layer.layer_number)
+        )

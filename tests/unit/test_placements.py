@@ -31,8 +31,12 @@ def make_cfg(placement, moe=False, norm="RMSNorm", extra=()):
         "precision.dtype=fp32",
     ]
     if moe:
-        overrides += ["model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.aux_loss_coeff=0",
-                      "model.moe.ffn_hidden_size=32"]
+        overrides += [
+            "model.moe.num_experts=4",
+            "model.moe.router_topk=2",
+            "model.moe.aux_loss_coeff=0",
+            "model.moe.ffn_hidden_size=32",
+        ]
     return load_config(None, overrides + list(extra))
 
 
@@ -52,7 +56,13 @@ def check_against_reference(cfg):
     out = decoder(hidden_states=x, attention_mask=None)
     grads = _grads(out, [x, *params], probe)
     ref = reference.stack(
-        cfg.model.norm_placement, decoder, x, L, cfg.model.normalization, cfg.model.layernorm_epsilon, cfg.model.norm
+        cfg.model.norm_placement,
+        decoder,
+        x,
+        L,
+        cfg.model.normalization,
+        cfg.model.layernorm_epsilon,
+        cfg.model.norm,
     )
     ref_grads = _grads(ref, [x, *params], probe)
 
@@ -82,8 +92,11 @@ def test_matches_reference(mcore, placement, moe, norm):
         ("model.norm.span_include_attn_term=true",),
         ("model.norm.span_include_y_term=true",),
         ("model.norm.span_residual_alpha=1.7",),
-        ("model.norm.span_include_attn_term=true", "model.norm.span_include_y_term=true",
-         "model.norm.span_residual_alpha=0.5"),
+        (
+            "model.norm.span_include_attn_term=true",
+            "model.norm.span_include_y_term=true",
+            "model.norm.span_residual_alpha=0.5",
+        ),
     ],
 )
 def test_spannorm_switches_match_reference(mcore, switches):

@@ -21,24 +21,44 @@ from megaspan.config import load_config
 TIMEOUT_S = 300
 
 SMALL_MOE = [
-    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
-    "model.seq_length=16", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=32", "model.vocab_size=128",
-    "training.micro_batch_size=1", "training.global_batch_size=8",
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.seq_length=16",
+    "model.moe.num_experts=4",
+    "model.moe.ffn_hidden_size=32",
+    "model.vocab_size=128",
+    "training.micro_batch_size=1",
+    "training.global_batch_size=8",
 ]
 
 # 512 GPUs: TP8 x PP8 x EP8 (x DP8), a 64-layer, 64-expert model (~217B parameters).
 LARGE = [
-    "model.norm_placement=pre", "model.num_layers=64", "model.hidden_size=8192", "model.num_attention_heads=64",
-    "model.num_query_groups=8", "model.moe.num_experts=64", "model.moe.router_topk=4",
-    "model.moe.ffn_hidden_size=2048", "model.seq_length=4096", "model.vocab_size=128000",
-    "parallel.tensor_model_parallel_size=8", "parallel.sequence_parallel=true",
-    "parallel.pipeline_model_parallel_size=8", "parallel.expert_model_parallel_size=8",
-    "parallel.use_distributed_optimizer=true", "training.micro_batch_size=1", "training.global_batch_size=512",
+    "model.norm_placement=pre",
+    "model.num_layers=64",
+    "model.hidden_size=8192",
+    "model.num_attention_heads=64",
+    "model.num_query_groups=8",
+    "model.moe.num_experts=64",
+    "model.moe.router_topk=4",
+    "model.moe.ffn_hidden_size=2048",
+    "model.seq_length=4096",
+    "model.vocab_size=128000",
+    "parallel.tensor_model_parallel_size=8",
+    "parallel.sequence_parallel=true",
+    "parallel.pipeline_model_parallel_size=8",
+    "parallel.expert_model_parallel_size=8",
+    "parallel.use_distributed_optimizer=true",
+    "training.micro_batch_size=1",
+    "training.global_batch_size=512",
 ]
 
 
 def run_plan(world: int, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     cmd = [sys.executable, "-m", "megaspan", "plan", "--world-size", str(world), *extra, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
 
@@ -54,20 +74,46 @@ def real_single_device_count(overrides: list[str]) -> int:
     from megaspan.models import build_model
 
     cfg = load_config(None, overrides)
-    return sum(p.numel() for chunk in build_model(cfg, cfg.model.vocab_size).chunks for p in chunk.parameters())
+    return sum(
+        p.numel() for chunk in build_model(cfg, cfg.model.vocab_size).chunks for p in chunk.parameters()
+    )
 
 
 @pytest.mark.parametrize(
     "placement,layout,world",
     [
-        ("spannorm", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
-                      "parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"], 8),
-        ("hybridnorm", ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
-                        "parallel.expert_model_parallel_size=4"], 8),
-        ("b2t", ["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1",
-                 "parallel.num_layers_in_last_pipeline_stage=3", "parallel.tensor_model_parallel_size=2",
-                 "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel_size=1",
-                 "parallel.expert_model_parallel_size=4"], 8),
+        (
+            "spannorm",
+            [
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=true",
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.expert_model_parallel_size=2",
+            ],
+            8,
+        ),
+        (
+            "hybridnorm",
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+                "parallel.expert_model_parallel_size=4",
+            ],
+            8,
+        ),
+        (
+            "b2t",
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.num_layers_in_first_pipeline_stage=1",
+                "parallel.num_layers_in_last_pipeline_stage=3",
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=true",
+                "parallel.expert_tensor_parallel_size=1",
+                "parallel.expert_model_parallel_size=4",
+            ],
+            8,
+        ),
     ],
     ids=["tp2-pp2-ep2", "pp2-vpp2-ep4", "uneven-pp2-tp2-etp1-ep4"],
 )
@@ -114,7 +160,9 @@ def test_plan_512_gpus_in_seconds_adds_up():
 
 
 def test_plan_prints_a_table():
-    result = run_plan(8, SMALL_MOE + ["parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"])
+    result = run_plan(
+        8, SMALL_MOE + ["parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("layout: 8 GPUs = TP1 x PP2 x CP1 x DP4; experts: EP2")
@@ -125,5 +173,9 @@ def test_plan_prints_a_table():
 def test_plan_rejects_a_bad_layout_in_one_line():
     result = run_plan(6, ["parallel.tensor_model_parallel_size=4"])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("megaspan: error: world size 6 is not divisible by TP*PP*CP")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("megaspan: error: world size 6 is not divisible by TP*PP*CP")
+    )
     assert len(result.stderr.strip().splitlines()) == 1

@@ -8,12 +8,13 @@ included; norms, biases and the router untouched) is multiplied by L^{-1/2}. Meg
 sigma/sqrt(2L) output-projection scaling is therefore *not* stacked on top. No final norm.
 """
 
-from megaspan.norms.base import inv_sqrt, scale_weights
-from megaspan.norms.post import PostNorm
+from megaspan.norms.base import inv_sqrt
+from megaspan.norms.placements.post import PostNorm
+from megaspan.norms.registry import register
+from megaspan.norms.weights import ALL_BLOCK_WEIGHTS, scale_weights
 
-ALL_BLOCK_WEIGHTS = ("qkv", "proj", "fc1", "fc2")
 
-
+@register
 class B2T(PostNorm):
     """Post-LN's norms and attention sublayer; only the MLP residual and the init differ."""
 

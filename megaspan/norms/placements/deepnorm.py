@@ -8,15 +8,31 @@ of Megatron's fused, per-group interleaved QKV weight are scaled. No Megatron ou
 (torchscale has none) and no final norm.
 """
 
-from megaspan.norms.base import scale_value_rows, scale_weights
-from megaspan.norms.post import PostNorm
+from dataclasses import dataclass
+from typing import Optional
+
+from megaspan.norms.base import PlacementOptions
+from megaspan.norms.placements.post import PostNorm
+from megaspan.norms.registry import register
+from megaspan.norms.weights import scale_value_rows, scale_weights
 
 
+@dataclass(kw_only=True)
+class DeepNormOptions(PlacementOptions):
+    deepnorm_alpha: Optional[float] = None
+    """Residual multiplier; None = (2L)^(1/4) (decoder-only rule)."""
+    deepnorm_beta: Optional[float] = None
+    """Init gain on v/proj/fc1/fc2; None = (8L)^(-1/4)."""
+
+
+@register
 class DeepNorm(PostNorm):
     """Post-LN's norms with an up-weighted skip."""
 
     name = "deepnorm"
     description = "DeepNorm: N(alpha x + A(x)), alpha=(2L)^1/4; v/proj/fc1/fc2 x beta=(8L)^-1/4"
+    Options = DeepNormOptions
+    options: DeepNormOptions
     scaled_init = False
 
     @property

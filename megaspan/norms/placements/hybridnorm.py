@@ -13,8 +13,10 @@ the paper's is (minor). Final norm on.
 import math
 
 from megaspan.norms.base import LayerPlan, Placement
+from megaspan.norms.registry import register
 
 
+@register
 class HybridNorm(Placement):
     name = "hybridnorm"
     description = "HybridNorm: QKV-norm attention, x + A(x); N(y) + F(N(y)); final norm"
@@ -27,6 +29,7 @@ class HybridNorm(Placement):
         return 1.0 / math.sqrt(2.5 * hidden_size) if requested is None else requested
 
 
+@register
 class HybridNormStar(HybridNorm):
     name = "hybridnorm_star"
     description = "HybridNorm*: HybridNorm with block 0 Pre-LN (QKV norms kept)"

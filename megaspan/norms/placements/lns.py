@@ -8,8 +8,10 @@ off. 1/sqrt(l) is a constant multiplier on the norm output, never folded into th
 """
 
 from megaspan.norms.base import LayerPlan, Placement, inv_sqrt
+from megaspan.norms.registry import register
 
 
+@register
 class LayerNormScaling(Placement):
     name = "lns"
     description = "LayerNorm Scaling: Pre-LN with N(.)/sqrt(l); no scaled init; final norm"

@@ -5,21 +5,33 @@ number, so it is the same under pipeline parallelism. Final norm on (the last bl
 """
 
 import math
+from dataclasses import dataclass
 
-from megaspan.norms.base import LayerPlan, Placement
-from megaspan.norms.post import PostNorm
-from megaspan.norms.pre import PreNorm
+from megaspan.norms.base import LayerPlan, Placement, PlacementOptions
+from megaspan.norms.placements.post import PostNorm
+from megaspan.norms.placements.pre import PreNorm
+from megaspan.norms.registry import register
 
 
+@dataclass(kw_only=True)
+class MixLNOptions(PlacementOptions):
+    mixln_alpha: float = 0.25
+    """The first floor(alpha*L) blocks are Post-LN, the rest Pre-LN."""
+
+
+@register
 class MixLN(Placement):
     name = "mixln"
     description = "Mix-LN: Post-LN for layers <= floor(alpha L), Pre-LN after; final norm"
+    Options = MixLNOptions
+    options: MixLNOptions
 
     def __init__(self, options, num_layers):
         super().__init__(options, num_layers)
-        self.num_post = math.floor(options.mixln_alpha * num_layers)
-        self._post = PostNorm(options, num_layers)
-        self._pre = PreNorm(options, num_layers)
+        self.num_post = math.floor(self.options.mixln_alpha * num_layers)
+        # The halves only contribute their equations; final_norm and init are Mix-LN's own.
+        self._post = PostNorm(None, num_layers)
+        self._pre = PreNorm(None, num_layers)
 
     def _for(self, layer_number: int) -> Placement:
         return self._post if layer_number <= self.num_post else self._pre

@@ -8,6 +8,7 @@ abstract does not say so) - see norm-placements.md §4.5.
 """
 
 from megaspan.norms.base import LayerPlan, Placement
+from megaspan.norms.registry import register
 
 
 def _normed_output(norm, out_with_bias):
@@ -17,6 +18,7 @@ def _normed_output(norm, out_with_bias):
     return norm(out), None
 
 
+@register
 class PeriNorm(Placement):
     name = "peri"
     description = "Peri-LN (sandwich): x + N(A(N(x))), y + N(F(N(y))); final norm"

@@ -1,12 +1,14 @@
 """Post-LN (Vaswani et al. 2017).
 
-    y  = N1(x + A(x))
-    x' = N2(y + F(y))            the stream is already normalized: no final norm.
+y  = N1(x + A(x))
+x' = N2(y + F(y))            the stream is already normalized: no final norm.
 """
 
 from megaspan.norms.base import LayerPlan, Placement
+from megaspan.norms.registry import register
 
 
+@register
 class PostNorm(Placement):
     name = "post"
     description = "Post-LN: N(x + A(x)), N(y + F(y)); no final norm"

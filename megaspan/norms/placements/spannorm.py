@@ -1,7 +1,7 @@
 """SpanNorm (Wang et al., arXiv 2601.22580, ICML 2026) - RECONSTRUCTED equations.
 
 The paper's full text was not available; the block below follows the best available
-reconstruction (shared/docs/norm-placements.md §1.2): a clean residual that spans the *whole*
+reconstruction (norm-placements.md §1.2): a clean residual that spans the *whole*
 block, and a Post-LN-style norm of the aggregated block output.
 
     x~ = N0(x)  in block 0 only (the embedding is not normalized), else x
@@ -17,13 +17,34 @@ Switches (``model.norm.*``) select the variant without code changes:
 No final norm by default (the stream is already normalized).
 """
 
-from megaspan.norms.b2t import ALL_BLOCK_WEIGHTS
-from megaspan.norms.base import LayerPlan, Placement, inv_sqrt, scale_weights
+from dataclasses import dataclass
+from typing import Literal
+
+from megaspan.norms.base import LayerPlan, Placement, PlacementOptions, inv_sqrt
+from megaspan.norms.registry import register
+from megaspan.norms.weights import ALL_BLOCK_WEIGHTS, scale_weights
 
 
+@dataclass(kw_only=True)
+class SpanNormOptions(PlacementOptions):
+    """Switches of the reconstructed equations (``model.norm.*``)."""
+
+    span_include_attn_term: bool = False
+    """Add the attention output A(x~) inside the block's final norm N2."""
+    span_include_y_term: bool = False
+    """Add y = N1(x + A) inside N2 (makes SpanNorm equal to B2T's sum)."""
+    span_residual_alpha: float = 1.0
+    """Multiplier on the block input x inside both norms."""
+    span_branch_init: Literal["megatron", "b2t"] = "megatron"
+    """Branch init: 'megatron' = sigma/sqrt(2L) on output projections; 'b2t' = L^-1/2 on all block weights."""
+
+
+@register
 class SpanNorm(Placement):
     name = "spannorm"
     description = "SpanNorm (reconstructed): N1(x + A(N0 x)), N2(x + F(y)); no final norm"
+    Options = SpanNormOptions
+    options: SpanNormOptions
     default_final_norm = False
     block_spanning = True
 

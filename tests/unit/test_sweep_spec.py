@@ -1,23 +1,24 @@
-"""launch/sweep.py: sweep definition -> job-array cells (pure Python, no cluster needed)."""
+"""Sweep definition -> cells: ``python -m megaspan.sweep`` (what sweep.sbatch runs) and the thin
+``launch/sweep.py`` wrapper (what launch/submit runs); pure Python, no cluster needed."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from megaspan.sweep import spec as sweep_mod
 
+REPO = Path(__file__).resolve().parents[2]
 SWEEP_PY = REPO / "launch" / "sweep.py"
-sys.path.insert(0, str(REPO / "launch"))
-import sweep as sweep_mod  # noqa: E402
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP_PY), *args], capture_output=True, text=True,
-                          timeout=60)
+def _run(*args: str, wrapper: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SWEEP_PY)] if wrapper else [sys.executable, "-m", "megaspan.sweep"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
 def _write(tmp_path, text: str, name: str = "s.yaml"):
@@ -111,3 +112,49 @@ def test_expand_api_is_deterministic():
     a, b = sweep_mod.expand(data), sweep_mod.expand(data)
     assert a == b
     assert [c["name"] for c in a["cells"]] == ["s1-L3", "s2-L3"]
+
+
+def test_launch_wrapper_matches_the_package(tmp_path):
+    path = _write(tmp_path, SWEEP)
+    assert _run("--cell", "5", str(path), wrapper=True).stdout == _run("--cell", "5", str(path)).stdout
+    assert _run("--count", str(path), wrapper=True).stdout.strip() == "8"
+
+
+def test_stdlib_only_under_a_bare_python(tmp_path):
+    """sweep.sbatch runs `python3 -m megaspan.sweep` from the checkout: no torch may be imported."""
+    path = _write(tmp_path, SWEEP)
+    frozen = tmp_path / "frozen.json"
+    assert _run("--freeze", str(frozen), str(path)).returncode == 0
+    code = (f"import sys; sys.argv=['x','--cell','1',{str(frozen)!r}]; "
+            "from megaspan.sweep.__main__ import main; rc=main(); "
+            "assert 'torch' not in sys.modules and 'yaml' not in sys.modules, sorted(sys.modules); "
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_labelled_bundle_values(tmp_path):
+    path = _write(tmp_path, """
+name: b
+axes:
+  placement:
+    - pre
+    - {label: spannorm-attn, set: {model.norm_placement: spannorm, model.norm.span_include_attn_term: true}}
+  depth: [2]
+""")
+    sweep = sweep_mod.load_sweep(path)
+    assert [c["name"] for c in sweep["cells"]] == ["pre-L2", "spannorm-attn-L2"]
+    assert sweep["cells"][1]["overrides"] == ["model.norm_placement=spannorm",
+                                              "model.norm.span_include_attn_term=true", "model.num_layers=2"]
+    assert sweep["cells"][1]["values"] == {"model.norm_placement": "spannorm-attn", "model.num_layers": 2}
+    bad = _write(tmp_path, "name: b\naxes:\n  placement: [{label: 'a b', set: {x.y: 1}}]\n", "bad.yaml")
+    with pytest.raises(sweep_mod.SweepError, match="label"):
+        sweep_mod.load_sweep(bad)
+
+
+def test_shipped_sweeps_expand():
+    for name in ("cpu-small", "paper-h100"):
+        sweep = sweep_mod.load_sweep(name)
+        assert sweep["name"] == name and sweep["cells"]
+    with pytest.raises(sweep_mod.SweepError, match="shipped sweeps: .*cpu-small"):
+        sweep_mod.load_sweep("no-such-sweep")

@@ -1,0 +1,75 @@
+"""``megaspan sweep``: run a placement x depth x LR x seed sweep locally, or submit it to Slurm.
+
+The work is in :mod:`megaspan.sweep` (expansion, local runner, Slurm submission); this module
+only parses the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "sweep"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``megaspan sweep`` to the CLI's subparsers."""
+    p = subparsers.add_parser(
+        NAME,
+        help="run a sweep of training runs (placements x depths x LRs x seeds), resumable",
+        description="Run every cell of SWEEP (a sweep YAML/JSON file or a shipped sweep name such as "
+        "cpu-small) as its own `megaspan train` process, one after another, into --runs DIR "
+        "(default runs/<sweep name>/<cell>). Re-running skips cells whose summary.json says "
+        "completed or diverged and resumes the others from their checkpoints.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, or a shipped sweep name (cpu-small, paper-h100)")
+    p.add_argument("--runs", metavar="DIR", type=Path, default=None,
+                   help="directory of the cell run dirs (default runs/<sweep name>)")
+    p.add_argument("--jobs", metavar="N", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--nproc", metavar="N", type=int, default=1,
+                   help="processes (GPUs) per cell; >1 launches each cell with torch.distributed.run")
+    p.add_argument("--list", action="store_true", help="print the cells and their status, run nothing")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the unfinished cells as one Slurm job array (launch/slurm/sweep.sbatch)")
+    p.add_argument("--sbatch-arg", metavar="ARG", action="append", default=[],
+                   help="extra sbatch option for --slurm, e.g. --sbatch-arg=--gpus-per-node=8 (repeatable)")
+    p.add_argument("--array-limit", metavar="K", type=int, default=None,
+                   help="with --slurm: at most K cells at once")
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch command only")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides appended to every cell (after the sweep's own)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+
+    from megaspan.sweep import load_sweep
+    from megaspan.sweep.runner import default_runs_dir, run_local, sweep_status
+    from megaspan.sweep.spec import SweepError
+
+    sweep = load_sweep(args.sweep)
+    for item in args.overrides:
+        if "=" not in item:
+            raise SweepError(f"override {item!r} is not key=value (e.g. training.steps=100)")
+    runs = args.runs if args.runs is not None else default_runs_dir(sweep)
+    if args.list:
+        for cell, status in sweep_status(sweep, runs):
+            print(f"{cell['index']:4d}  {cell['name']:<40} {status:<11} {' '.join(cell['overrides'])}")
+        print(f"{len(sweep['cells'])} cells, run dirs under {runs}")
+        return 0
+    if args.slurm:
+        from megaspan.sweep.slurm import submit
+
+        cmd, job, pending = submit(sweep, runs, extra=args.overrides, sbatch_args=args.sbatch_arg,
+                                   array_limit=args.array_limit, dry_run=args.dry_run)
+        if not pending:
+            print(f"sweep {sweep['name']}: every cell is completed or diverged; nothing to submit")
+        elif job is None:
+            print(shlex.join(cmd))
+        else:
+            print(f"sweep {sweep['name']}: submitted {len(pending)} of {len(sweep['cells'])} cells as "
+                  f"job array {job} (run dirs under {runs})")
+        return 0
+    code, _ = run_local(sweep, runs, jobs=args.jobs, extra=args.overrides, nproc=args.nproc)
+    return code

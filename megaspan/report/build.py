@@ -1,0 +1,192 @@
+"""``megaspan report``: turn run dirs / sweep dirs into report.md (or report.html) + PNG plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megaspan.errors import ConfigError, RunDirError
+from megaspan.report import plots
+from megaspan.report.collect import RunRecord, collect
+from megaspan.report.tables import Table, cells_table, fmt_lr, guard_events_table, stability_table
+
+FORMATS = ("md", "html")
+
+
+@dataclass
+class Report:
+    """What was written: the page, the PNGs, and the figures (kept for inspection)."""
+
+    page: Path
+    images: list[Path] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    runs: list[RunRecord] = field(default_factory=list)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _config_blocks(runs: list[RunRecord]) -> tuple[dict[str, Any], list[str]]:
+    """(keys equal in every run, keys that vary) over the runs' resolved configs."""
+    flats = [_flatten(r.config) for r in runs if r.config]
+    if not flats:
+        return {}, []
+    keys = sorted(set().union(*flats))
+    common, varied = {}, []
+    for key in keys:
+        values = {json.dumps(f.get(key), sort_keys=True, default=str) for f in flats}
+        if len(values) == 1:
+            common[key] = flats[0].get(key)
+        else:
+            varied.append(key)
+    return common, varied
+
+
+def _versions(runs: list[RunRecord]) -> list[tuple[str, str]]:
+    seen: dict[str, set[str]] = {}
+    for r in runs:
+        for key, value in ((r.summary or {}).get("versions") or {}).items():
+            seen.setdefault(str(key), set()).add(str(value))
+    return [(k, ", ".join(sorted(v))) for k, v in sorted(seen.items())]
+
+
+def _md_table(table: Table) -> str:
+    headers, rows = table
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(table: Table) -> str:
+    headers, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt: str = "md") -> Report:
+    """Read the runs under ``paths`` and write the report into ``out_dir`` (default: the first
+    path's ``report/``)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    runs = collect(list(paths))
+    out = Path(out_dir) if out_dir is not None else Path(paths[0]) / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the report dir {out}: {exc.strerror or exc}") from exc
+    report = Report(page=out / f"report.{fmt}", runs=runs)
+
+    blocks: list[tuple[str, Any]] = []  # (kind, payload), rendered as markdown or HTML below
+    sweeps = sorted({r.sweep for r in runs if r.sweep})
+    title = f"megaspan report: {', '.join(sweeps)}" if sweeps else "megaspan report"
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    blocks.append(("p", f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                   + ". Sources: " + ", ".join(str(p) for p in paths) + "."))
+    blocks.append(("h2", "Stability"))
+    blocks.append(("p", "Per placement and learning rate: the largest depth at which no seed diverged (and "
+                   "at least one completed), the depths where seeds diverged, the loss spikes the guard "
+                   "counted over all depths, and the final losses (mean ± sample std over the seeds, "
+                   "diverged seeds excluded) at that largest stable depth."))
+    blocks.append(("table", stability_table(runs)))
+    blocks.append(("h2", "All cells"))
+    blocks.append(("table", cells_table(runs)))
+    events = guard_events_table(runs)
+    if events[1]:
+        blocks.append(("h2", "Guard events"))
+        blocks.append(("table", events))
+
+    def add_figure(key: str, fig, caption: str) -> None:
+        if fig is None:
+            return
+        path = plots.save(fig, out / f"{key}.png")
+        report.images.append(path)
+        report.figures[key] = fig
+        blocks.append(("img", (path, caption)))
+
+    lrs = sorted({r.lr for r in runs}, key=lambda x: (x is None, x or 0))
+    depths = sorted({r.depth for r in runs}, key=lambda x: (x is None, x or 0))
+    blocks.append(("h2", "Final validation loss vs depth"))
+    for lr in lrs:
+        add_figure(f"val_loss_vs_depth_lr{fmt_lr(lr)}", plots.val_loss_vs_depth(runs, lr),
+                   f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged")
+    blocks.append(("h2", "Loss curves"))
+    for depth in depths:
+        add_figure(f"loss_curves_L{depth}", plots.loss_curves(runs, depth),
+                   f"loss curves at depth {depth} (mean over seeds; dashed = validation)")
+    blocks.append(("h2", "Per-layer profiles at the end of training"))
+    before = len(report.images)
+    for depth in depths:
+        for lr in lrs:
+            add_figure(f"layer_profiles_L{depth}_lr{fmt_lr(lr)}", plots.layer_profiles(runs, depth, lr),
+                       f"per-layer profiles, depth {depth}, lr {fmt_lr(lr)}")
+    if len(report.images) == before:
+        blocks.append(("p", "No diagnostics.jsonl in these runs (set logging.diagnostics_interval)."))
+
+    blocks.append(("h2", "Config and versions"))
+    common, varied = _config_blocks(runs)
+    if varied:
+        blocks.append(("p", "Keys that vary between runs: " + ", ".join(varied) + "."))
+    if common:
+        blocks.append(("pre", "\n".join(f"{k}: {json.dumps(v, default=str)}" for k, v in common.items())))
+    versions = _versions(runs)
+    if versions:
+        blocks.append(("table", (["package", "version"], [list(v) for v in versions])))
+    else:
+        blocks.append(("p", "No versions recorded (the runs have no summary.json)."))
+
+    report.page.write_text(_render_md(title, blocks, out) if fmt == "md" else _render_html(title, blocks))
+    return report
+
+
+def _render_md(title: str, blocks: list[tuple[str, Any]], out: Path) -> str:
+    parts = [f"# {title}"]
+    for kind, payload in blocks:
+        if kind == "h2":
+            parts.append(f"## {payload}")
+        elif kind == "p":
+            parts.append(payload)
+        elif kind == "table":
+            parts.append(_md_table(payload))
+        elif kind == "pre":
+            parts.append(f"```\n{payload}\n```")
+        elif kind == "img":
+            path, caption = payload
+            parts.append(f"![{caption}]({path.relative_to(out)})")
+    return "\n\n".join(parts) + "\n"
+
+
+def _render_html(title: str, blocks: list[tuple[str, Any]]) -> str:
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for kind, payload in blocks:
+        if kind == "h2":
+            parts.append(f"<h2>{html.escape(payload)}</h2>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(payload)}</p>")
+        elif kind == "table":
+            parts.append(_html_table(payload))
+        elif kind == "pre":
+            parts.append(f"<pre>{html.escape(payload)}</pre>")
+        elif kind == "img":
+            path, caption = payload
+            data = base64.b64encode(path.read_bytes()).decode()
+            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1300px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

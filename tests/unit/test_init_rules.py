@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from megaspan.models import apply_init_rules, build_model
-from tests.unit.test_placements import L, make_cfg
+from tests.unit.test_placements import PLACEMENTS, L, make_cfg
 
 HEADS, GROUPS, HIDDEN = 4, 2, 64
 HN = HIDDEN // HEADS
+
+# Every registered placement is checked; these sets are the papers' rules (docs), the exceptions
+# to "no rescaling after Megatron's init" and "Megatron's sigma/sqrt(2L) on output projections".
+RESCALES = {"b2t", "deepnorm"}
+"""Placements whose default options rescale weights after Megatron's init (tested one by one below)."""
+NO_MEGATRON_SCALING = {"b2t", "deepnorm", "lns"}
+"""Placements that drop Megatron's output-projection scaling (own depth scaling, or none for LNS)."""
 
 
 def snapshot(chunks):
@@ -80,9 +87,7 @@ def test_deepnorm_beta_hits_exactly_v_rows(mcore, moe):
             torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize(
-    "placement", ["pre", "post", "peri", "mixln", "lns", "hybridnorm", "hybridnorm_star"]
-)
+@pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p not in RESCALES])
 def test_placements_without_rescaling_leave_weights(mcore, placement):
     before, after = build_pair(placement)
     for name in before:
@@ -94,17 +99,7 @@ def _std(model, pattern):
     return torch.cat([w.flatten() for w in ws]).std().item()
 
 
-@pytest.mark.parametrize(
-    "placement,scaled",
-    [
-        ("pre", True),
-        ("spannorm", True),
-        ("lns", False),
-        ("b2t", False),
-        ("deepnorm", False),
-        ("hybridnorm", True),
-    ],
-)
+@pytest.mark.parametrize("placement,scaled", [(p, p not in NO_MEGATRON_SCALING) for p in PLACEMENTS])
 def test_megatron_scaled_output_init(mcore, placement, scaled):
     """Megatron's sigma/sqrt(2L) on linear_proj/fc2 only where the paper uses it (LNS drops it)."""
     built = build_model(

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megaspan.norms.layer import NormPlacementTransformerLayer
+from megaspan.training.hooks import Hook
 
 _MAX_TOKENS = 128  # cosine similarity is O(s^2): a sample of positions is enough
 
@@ -98,7 +99,28 @@ class LayerDiagnostics:
         table[:, 2:] = table[:, 2:].sqrt()
         self.armed = False
         return {
-            f"diag/{field}/layer_{l + 1:03d}": float(table[l, i])
-            for l in range(self.num_layers)
+            f"diag/{field}/layer_{n + 1:03d}": float(table[n, i])
+            for n in range(self.num_layers)
             for i, field in enumerate(self.FIELDS)
         }
+
+
+class DiagnosticsHook(Hook):
+    """Runs :class:`LayerDiagnostics` every ``interval`` steps: armed before the step's forward,
+    collected after its backward and before the optimizer clips the gradients in place."""
+
+    def __init__(self, interval: int | None) -> None:
+        self.interval = interval
+        self.diagnostics: LayerDiagnostics | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        self.diagnostics = LayerDiagnostics(trainer.objs.chunks, trainer.cfg.model.num_layers, self.interval)
+        self.diagnostics.arm(trainer.progress.step + 1)
+
+    def before_optimizer_step(self, trainer, step: int) -> None:
+        if self.diagnostics is not None and self.diagnostics.armed:
+            trainer.log.scalars(self.diagnostics.collect(trainer.device), step)
+
+    def on_step_end(self, trainer, result) -> None:
+        if self.diagnostics is not None:
+            self.diagnostics.arm(result.step + 1)

@@ -15,10 +15,23 @@ from pathlib import Path
 
 import torch
 
+from megaspan.training.rundir import FS_ERRNOS, fs_error, guarded
+
 LOGGER_NAME = "megaspan.train"
 
 # Dense bf16 tensor-core peaks, for the MFU estimate (GPU only).
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+class _StrictFileHandler(logging.FileHandler):
+    """A full disk or a revoked permission stops the run with one line naming ``train.log``,
+    instead of logging's traceback per line and a run that trains on without its log."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and exc.errno in FS_ERRNOS:
+            raise fs_error(exc, self.baseFilename) from None
+        super().handleError(record)
 
 
 def setup_logger(log_file: Path | None) -> logging.Logger:
@@ -31,7 +44,7 @@ def setup_logger(log_file: Path | None) -> logging.Logger:
         handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(_StrictFileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
@@ -92,16 +105,33 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.progress_bar = progress_bar
         self.flops_per_token = flops_per_token
-        self.logger = setup_logger(run_dir / "train.log" if enabled and run_dir else None)
+        self.run_dir = run_dir
+        self.tensorboard = enabled and tensorboard and run_dir is not None
+        log_file = run_dir / "train.log" if enabled and run_dir else None
+        self.logger = guarded(log_file, lambda: setup_logger(log_file))
         self.writer = None
-        if enabled and tensorboard and run_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    def start_tensorboard(self, purge_after: int | None) -> None:
+        """Open the TensorBoard writer. ``purge_after``: the step a run resumed from; events of
+        later steps (written by the run before its crash, and about to be redone) are hidden."""
+        if not self.tensorboard or self.writer is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events with step >= it; a fresh start (None) in a used run dir has
+        # redone everything, so it hides them all.
+        purge = 0 if purge_after is None else purge_after + 1
+        log_dir = self.run_dir / "tensorboard"
+        self.writer = guarded(log_dir, lambda: SummaryWriter(log_dir=str(log_dir), purge_step=purge))
 
     def info(self, message: str) -> None:
         if self.enabled:
             self.logger.info(message)
+
+    def error(self, message: str) -> None:
+        """A one-line error on rank 0 (stderr and ``train.log``)."""
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
 
     def train_step(self, stats: StepStats, seconds_per_step: float) -> None:
         if not self.enabled:
@@ -159,9 +189,14 @@ class MetricsLogger:
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
             return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+        path = self.run_dir / "tensorboard"
+
+        def write() -> None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+        guarded(path, write)
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         peak = peak_flops()

@@ -1,52 +1,35 @@
-"""``megaspan train``: the training loop on Megatron-Core.
+"""The training loop on Megatron-Core: ``Trainer.fit`` is the step loop plus hook calls.
 
-Order of work, and why:
-
-1. process groups, seeds, tokenizer and datasets. Everything that can fail because of bad user
-   input (data paths, tokenizer, resume target) fails here, before the run dir is touched;
-2. run dir, resolved ``config.yaml``, logs;
-3. model (DDP), optimizer, scheduler; restore a checkpoint if resuming;
-4. steps through ``get_forward_backward_func`` (micro-batches, gradient accumulation and
-   pipeline/virtual-pipeline schedules all live there); validation, checkpoints and the
-   preemption check at step boundaries.
+One step (:meth:`Trainer.train_step`): zero the gradient buffers, run the micro-batches through
+``get_forward_backward_func`` (gradient accumulation and pipeline/virtual-pipeline schedules
+all live there), one all-reduce of ``[loss sum, tokens, signalled]``, hooks'
+``before_optimizer_step``, scheduler and optimizer step. Everything periodic is a hook
+(:mod:`megaspan.training.hooks`); the trainer is built by :func:`megaspan.training.build.build_trainer`.
 """
 
 from __future__ import annotations
 
-import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megaspan import runtime
-from megaspan.config.loader import ConfigError, config_to_dict, dump_config
+from megaspan.config.loader import config_to_dict
 from megaspan.config.schema import MegaspanConfig
-from megaspan.models.backend import resolve_impl
 from megaspan.training.batches import Batch, micro_batches
-from megaspan.training.checkpoint import (
-    Progress,
-    find_latest_valid,
-    is_valid,
-    load_checkpoint,
-    save_checkpoint,
-)
-from megaspan.training.diagnostics import LayerDiagnostics
-from megaspan.training.metrics import MetricsLogger, StepStats, flops_per_token
-from megaspan.training.setup import TrainingObjects, build_training_objects, cuda_free
-from megaspan.training.signals import PreemptionFlag
-
-PREEMPTED_MARKER = "preempted"
+from megaspan.training.checkpoint import Progress, load_checkpoint, save_checkpoint
+from megaspan.training.hooks import Hook, Reduced, StepResult, StopRequest, call
+from megaspan.training.metrics import MetricsLogger
+from megaspan.training.setup import TrainingObjects, cuda_free
 
 
-@dataclass
-class Layout:
+@dataclass(frozen=True)
+class RankPosition:
     """This rank's place in the data-parallel and pipeline layout."""
 
     dp_rank: int
@@ -61,53 +44,6 @@ def run_dir(cfg: MegaspanConfig) -> Path:
 
 def checkpoint_dir(cfg: MegaspanConfig) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
-
-
-def resolve_resume(cfg: MegaspanConfig) -> Path | None:
-    """The checkpoint to resume from: 'none', 'auto' (latest valid, if any), or a path."""
-    resume = cfg.checkpoint.resume
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return find_latest_valid(checkpoint_dir(cfg))
-    path = Path(resume)
-    if not is_valid(path):
-        raise ConfigError(f"checkpoint.resume={resume}: not a complete megaspan checkpoint directory")
-    return path
-
-
-def _seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS needs a fixed workspace for deterministic GEMMs; warn_only because a few
-        # CUDA kernels (e.g. embedding backward) have no deterministic variant.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _layout(cfg: MegaspanConfig) -> Layout:
-    from megatron.core import parallel_state as ps
-
-    dp_size = ps.get_data_parallel_world_size()
-    tr = cfg.training
-    return Layout(
-        dp_rank=ps.get_data_parallel_rank(),
-        dp_size=dp_size,
-        num_microbatches=tr.global_batch_size // (tr.micro_batch_size * dp_size),
-        reports_loss=(
-            ps.is_pipeline_last_stage(ignore_virtual=True)
-            and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0
-        ),
-    )
-
-
-def _sample_counts(cfg: MegaspanConfig) -> tuple[int, int, int]:
-    """Samples each split must provide: all training steps, one validation pass, no test."""
-    tr = cfg.training
-    return (tr.steps * tr.global_batch_size, tr.eval_steps * tr.global_batch_size, 0)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -135,59 +71,88 @@ def forward_step(use_attention_mask: bool, data_iterator: Iterator[Batch], model
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def _reduce_reported(losses: list[dict], layout: Layout, device: torch.device) -> tuple[float, float]:
-    """(loss sum, token count) over all micro-batches and data-parallel replicas."""
-    total = torch.zeros(2, dtype=torch.float32, device=device)
-    if layout.reports_loss and losses:
-        total += torch.vstack([x["lm loss"].view(-1) for x in losses]).sum(dim=0)
+def _reduce_reported(
+    losses: list[dict], position: RankPosition, device: torch.device, signalled: bool = False
+) -> torch.Tensor:
+    """``[loss sum, token count, ranks signalled]`` over all micro-batches and ranks: ONE
+    all-reduce per step (the preemption flag rides along), no host sync."""
+    total = torch.zeros(3, dtype=torch.float32, device=device)
+    if position.reports_loss and losses:
+        total[:2] += torch.vstack([x["lm loss"].view(-1) for x in losses]).sum(dim=0)
+    if signalled:
+        total[2] = 1.0
     if dist.get_world_size() > 1:
         dist.all_reduce(total)
-    return float(total[0]), float(total[1])
+    return total
 
 
 class Trainer:
+    """Steps, evaluation, save/load on this rank; hooks do everything periodic.
+
+    Public state hooks may read: ``cfg``, ``objs`` (model, optimizer, scheduler), ``progress``,
+    ``log``, ``position``, ``val_losses`` (``[(step, loss)]``, appended by the evaluation hook),
+    ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
+    loss, during ``before_optimizer_step``).
+    """
+
     def __init__(
         self,
         cfg: MegaspanConfig,
         objs: TrainingObjects,
         datasets,
-        layout: Layout,
+        position: RankPosition,
         log: MetricsLogger,
-        preempt: PreemptionFlag,
+        hooks: list[Hook],
+        progress: Progress = Progress(0, 0),
+        preempt=None,
+        tokenizer_hash: str | None = None,
+        run_dir_lock=None,
     ):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.cfg = cfg
         self.objs = objs
         self.train_ds, self.valid_ds = datasets[0], datasets[1]
-        self.layout = layout
+        self.position = position
         self.log = log
+        self.hooks = list(hooks)
         self.device = runtime.device()
+        self.preempt = preempt  # PreemptionFlag or None; its local flag rides on the step's all-reduce
+        self.tokenizer_hash = tokenizer_hash  # recorded in checkpoints, checked on load
+        self._lock = run_dir_lock
         self.fwd_bwd = get_forward_backward_func()
         self.step_fn = partial(forward_step, cfg.data.reset_attention_mask)
-        self.preempt = preempt
-        self.diagnostics = LayerDiagnostics(
-            objs.chunks, cfg.model.num_layers, cfg.logging.diagnostics_interval
-        )
+        self.progress = progress
+        self.stop: StopRequest | None = None
+        self.val_losses: list[tuple[int, float]] = []
+        self.pending: StepResult | None = None
+        self._skip_reason: str | None = None
+        self._train_iters = self.iterators(self.train_ds, progress.consumed_samples)
 
     # -- data ------------------------------------------------------------------------------
 
-    def _iterators(self, dataset, consumed_samples: int) -> list[Iterator[Batch]]:
+    def iterators(self, dataset, consumed_samples: int) -> list[Iterator[Batch]]:
         """One iterator per model chunk: each virtual stage reads the same micro-batches."""
         return [
             micro_batches(
                 dataset, consumed_samples, self.cfg.training.micro_batch_size,
-                self.layout.dp_rank, self.layout.dp_size, self.device,
+                self.position.dp_rank, self.position.dp_size, self.device,
             )
             for _ in self.objs.model
         ]
+
+    def seek(self, consumed_samples: int) -> None:
+        """Continue training from global sample ``consumed_samples`` (a resume, or a rollback
+        that skips a data window)."""
+        self.progress = Progress(self.progress.step, consumed_samples)
+        self._train_iters = self.iterators(self.train_ds, consumed_samples)
 
     def _run_schedule(self, iterators, forward_only: bool) -> list[dict]:
         return self.fwd_bwd(
             forward_step_func=self.step_fn,
             data_iterator=iterators,
             model=self.objs.model,
-            num_microbatches=self.layout.num_microbatches,
+            num_microbatches=self.position.num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=forward_only,
@@ -195,229 +160,131 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def train_step(self, iterators, step: int) -> tuple[float, float | None]:
-        """Optimizer step number ``step`` over a global batch: returns (loss, grad norm)."""
-        objs = self.objs
+    def skip_update(self, reason: str) -> None:
+        """From ``before_optimizer_step``: drop this step's parameter update (same on every rank:
+        decide from all-reduced values only)."""
+        self._skip_reason = reason
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over the next global batch; returns its (lazy) result."""
+        objs, tr = self.objs, self.cfg.training
+        step = self.progress.step + 1
+        t0 = time.perf_counter()
         for chunk in objs.model:
             chunk.zero_grad_buffer()
         objs.optimizer.zero_grad()
-        diagnose = self.diagnostics.arm(step)
-        losses = self._run_schedule(iterators, forward_only=False)
-        if diagnose:  # before the optimizer step, which clips the gradients in place
-            self.log.scalars(self.diagnostics.collect(self.device), step)
+        losses = self._run_schedule(self._train_iters, forward_only=False)
+        signalled = self.preempt is not None and self.preempt.signum is not None
+        reduced = Reduced(_reduce_reported(losses, self.position, self.device, signalled))
+        lr = objs.scheduler.get_lr(objs.optimizer.param_groups[0])
+        self.pending = StepResult(
+            step=step, grad_norm=None, lr=lr, num_zeros=None, skipped=False, step_time_s=0.0,
+            tokens=tr.global_batch_size * self.cfg.model.seq_length,
+            consumed_samples=self.progress.consumed_samples + tr.global_batch_size, reduced=reduced,
+        )
+        self._skip_reason = None
+        call(self.hooks, "before_optimizer_step", self, step)  # gradients not yet clipped
         # The scheduler is stepped first so that update k uses lr(k): with warmup, Megatron's
         # optimizer-then-scheduler order spends the first update on lr = 0.
         objs.scheduler.step(increment=1)
-        with cuda_free():
-            _, grad_norm, _ = objs.optimizer.step()
-        loss_sum, tokens = _reduce_reported(losses, self.layout, self.device)
-        return loss_sum / max(tokens, 1.0), grad_norm
+        result = self.pending
+        result.lr = objs.scheduler.get_lr(objs.optimizer.param_groups[0])
+        if self._skip_reason is None:
+            with cuda_free():
+                updated, result.grad_norm, result.num_zeros = objs.optimizer.step()
+            # Megatron's own non-finite detection (fp16 loss scaling, grad_norm_skip_threshold).
+            result.skipped = not updated
+        else:
+            result.skipped = True
+        self.progress = Progress(step, result.consumed_samples)
+        result.step_time_s = time.perf_counter() - t0
+        self.pending = None
+        return result
 
     def evaluate(self) -> float:
         """Mean validation loss over the first ``eval_steps`` global batches (same ones each time,
         so the curve is comparable across evaluations)."""
         for chunk in self.objs.model:
             chunk.eval()
-        iterators = self._iterators(self.valid_ds, 0)
+        iterators = self.iterators(self.valid_ds, 0)
         loss_sum = tokens = 0.0
         with torch.no_grad():
             for _ in range(self.cfg.training.eval_steps):
-                s, t = _reduce_reported(self._run_schedule(iterators, True), self.layout, self.device)
+                s, t, _ = _reduce_reported(self._run_schedule(iterators, True), self.position, self.device).tolist()
                 loss_sum, tokens = loss_sum + s, tokens + t
         for chunk in self.objs.model:
             chunk.train()
         return loss_sum / max(tokens, 1.0)
 
-    def save(self, progress: Progress) -> Path:
+    # -- state -----------------------------------------------------------------------------
+
+    def save(self, ckpt_dir: Path | None = None) -> Path:
+        """Checkpoint the current progress (collective)."""
         cfg = self.cfg
         with cuda_free():
             path = save_checkpoint(
-                checkpoint_dir(cfg), progress, self.objs.chunks, self.objs.optimizer,
+                ckpt_dir or checkpoint_dir(cfg), self.progress, self.objs.chunks, self.objs.optimizer,
                 self.objs.scheduler, config_to_dict(cfg), cfg.checkpoint.keep_last,
+                tokenizer_hash=self.tokenizer_hash,
             )
         self.log.info(f"saved checkpoint {path}")
         return path
 
+    def load(self, path: Path, *, load_optimizer: bool = True) -> Progress:
+        """Restore ``path`` (collective) and continue from its step and data position."""
+        objs = self.objs
+        with cuda_free():
+            progress = load_checkpoint(
+                path, objs.chunks, objs.optimizer, objs.scheduler, load_optimizer=load_optimizer,
+                expected_tokenizer_hash=self.tokenizer_hash,
+            )
+        self.progress = Progress(progress.step, progress.consumed_samples)
+        self.seek(progress.consumed_samples)
+        return progress
+
+    def close(self) -> None:
+        """Flush and close the logs, release the run dir (idempotent)."""
+        self.log.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     # -- loop ------------------------------------------------------------------------------
 
-    def run(self, progress: Progress) -> int:
-        cfg, tr = self.cfg, self.cfg.training
-        if progress.step == 0:
-            self.log.validation(0, self.evaluate())
-        iterators = self._iterators(self.train_ds, progress.consumed_samples)
-        window_losses: list[float] = []
-        step_times: list[float] = []
-        last_saved = last_eval = progress.step
-        while progress.step < tr.steps:
-            t0 = time.perf_counter()
-            loss, grad_norm = self.train_step(iterators, progress.step + 1)
-            progress = Progress(progress.step + 1, progress.consumed_samples + tr.global_batch_size)
-            step_times.append(time.perf_counter() - t0)
-            window_losses.append(loss)
-            step = progress.step
-            if step % cfg.logging.log_interval == 0 or step == tr.steps:
-                self._log_window(step, window_losses, step_times, grad_norm)
-                window_losses = []
-            if step % tr.eval_interval == 0:
-                self.log.validation(step, self.evaluate())
-                last_eval = step
-            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
-                self.save(progress)
-                last_saved = step
-            if self.preempt.agreed(self.device):
-                if last_saved != step:
-                    self.save(progress)
-                self._mark_preempted(step)
-                return 0
-        if last_eval != progress.step:
-            self.log.validation(progress.step, self.evaluate())
-        if cfg.checkpoint.save_at_end and last_saved != progress.step:
-            self.save(progress)
-        self.log.info(f"training finished at step {progress.step}")
-        return 0
-
-    def _log_window(
-        self, step: int, losses: list[float], step_times: list[float], grad_norm: float | None
+    def request_stop(
+        self, reason: str, exit_code: int, *, status: str = "failed", checkpoint: bool = True
     ) -> None:
-        """Log the mean loss of the steps since the last log line."""
-        tokens_per_step = self.cfg.training.global_batch_size * self.cfg.model.seq_length
-        # Step time only: validation and checkpoint time would understate throughput.
-        elapsed = sum(step_times[-len(losses):])
-        # The first step of a process pays one-off costs; leave it out of the ETA.
-        recent = (step_times[1:] or step_times)[-20:]
-        self.log.train_step(
-            StepStats(
-                step=step,
-                loss=sum(losses) / len(losses),
-                lr=self.objs.scheduler.get_lr(self.objs.optimizer.param_groups[0]),
-                grad_norm=grad_norm,
-                tokens_per_s=tokens_per_step * len(losses) / max(elapsed, 1e-9),
-                loss_scale=self._loss_scale(),
-            ),
-            seconds_per_step=sum(recent) / len(recent),
-        )
+        """Stop after the current step (the first request wins). Call it on every rank alike."""
+        if self.stop is None:
+            self.stop = StopRequest(reason, exit_code, status, checkpoint)
 
-    def _loss_scale(self) -> float | None:
+    def fit(self) -> int:
+        """Train up to ``training.steps`` (or a stop request); returns the process exit code."""
+        try:
+            call(self.hooks, "on_fit_start", self)
+            while self.stop is None and self.progress.step < self.cfg.training.steps:
+                result = self.train_step()
+                call(self.hooks, "on_step_end", self, result)
+            call(self.hooks, "on_fit_end", self)
+        except BaseException as exc:
+            for hook in self.hooks:
+                hook.on_error(self, exc)
+            raise
+        return 0 if self.stop is None else self.stop.exit_code
+
+    @property
+    def finished(self) -> bool:
+        """All ``training.steps`` done and nobody asked to stop early."""
+        return self.stop is None and self.progress.step >= self.cfg.training.steps
+
+    def loss_scale(self) -> float | None:
         if not self.objs.config.fp16:
             return None
         return float(self.objs.optimizer.get_loss_scale())
 
-    def _mark_preempted(self, step: int) -> None:
-        import signal
-
-        name = signal.Signals(self.preempt.signum).name if self.preempt.signum else "peer"
-        self.log.info(f"stopping on {name} at step {step}: checkpoint saved, exiting 0")
-        if dist.get_rank() == 0:
-            (run_dir(self.cfg) / PREEMPTED_MARKER).write_text(f"step {step} signal {name}\n")
-
-
-def _prepare_run_dir(cfg: MegaspanConfig) -> None:
-    """Rank 0 creates the run dir and writes the resolved config; others wait."""
-    if dist.get_rank() == 0:
-        run_dir(cfg).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir(cfg) / "config.yaml")
-    dist.barrier()
-
-
-def _total_params(objs: TrainingObjects) -> int:
-    """Parameters summed over the model-parallel group (for the MFU estimate)."""
-    from megatron.core import parallel_state as ps
-
-    count = torch.tensor([objs.num_params], dtype=torch.float64, device=runtime.device())
-    if dist.get_world_size() > 1:
-        dist.all_reduce(count, group=ps.get_model_parallel_group())
-    return int(count.item())
-
-
-def _restore(cfg: MegaspanConfig, resume: Path | None, objs: TrainingObjects, log: MetricsLogger) -> Progress:
-    """Load the checkpoint to start from; Progress(0, 0) for a fresh run."""
-    if resume is None:
-        return Progress(0, 0)
-    # A weights-only start (fine-tuning) happens once: a restarted run (Slurm requeue) continues
-    # from its own latest checkpoint with its full state instead of starting over.
-    own = None if cfg.checkpoint.load_optimizer else find_latest_valid(checkpoint_dir(cfg))
-    weights_only = not cfg.checkpoint.load_optimizer and own is None
-    path = own or resume
-    with cuda_free():
-        progress = load_checkpoint(
-            path, objs.chunks, objs.optimizer, objs.scheduler, load_optimizer=not weights_only
-        )
-    if weights_only:
-        log.info(f"loaded model weights from {path}; optimizer, schedule and step start fresh")
-    else:
-        log.info(f"resumed from checkpoint at step {progress.step} ({path})")
-    return progress
-
-
-def _build_data(cfg: MegaspanConfig):
-    """(vocab size, (train, valid, test)) on every rank; rank 0 builds caches first."""
-    from megaspan.data.datasets import build_datasets
-    from megaspan.data.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}); leave it null to use the tokenizer's"
-        )
-    datasets = build_datasets(
-        cfg.data, tokenizer, cfg.model.seq_length, cfg.training.seed, _sample_counts(cfg),
-        # The model only needs a mask when documents are masked from each other; otherwise
-        # attention is plainly causal and a [s, s] mask per sample is wasted memory.
-        create_attention_mask=cfg.data.reset_attention_mask,
-    )
-    return vocab, datasets
-
 
 def train(cfg: MegaspanConfig) -> int:
-    """Run (or resume) the training job described by ``cfg``; returns the exit code."""
-    from megatron.core.num_microbatches_calculator import (
-        destroy_num_microbatches_calculator,
-        init_num_microbatches_calculator,
-    )
+    """Compatibility entry point: :func:`megaspan.training.build.train` is the one to call."""
+    from megaspan.training.build import train as _train
 
-    # Installed first: Slurm's SIGUSR1 warning may arrive during start-up, and its default
-    # action would kill the job; a flag raised before the loop stops it after its first step.
-    preempt = PreemptionFlag()
-    if cfg.training.exit_on_signal:
-        preempt.install()
-    runtime.init_process_group()
-    try:
-        _seed_everything(cfg.training.seed, cfg.training.deterministic)
-        runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
-        layout = _layout(cfg)
-        init_num_microbatches_calculator(
-            dist.get_rank(), None, cfg.training.global_batch_size,
-            cfg.training.micro_batch_size, layout.dp_size,
-        )
-        vocab, datasets = _build_data(cfg)
-        resume = resolve_resume(cfg)
-        resolve_impl(cfg.model.transformer_impl)  # BackendError now, not after the run dir exists
-        _prepare_run_dir(cfg)
-        objs = build_training_objects(cfg, vocab)
-        m = cfg.model
-        total_params = _total_params(objs)
-        log = MetricsLogger(
-            enabled=dist.get_rank() == 0,
-            total_steps=cfg.training.steps,
-            run_dir=run_dir(cfg),
-            tensorboard=cfg.logging.tensorboard,
-            progress_bar=cfg.logging.progress_bar,
-            flops_per_token=flops_per_token(total_params, m.num_layers, m.hidden_size, m.seq_length),
-        )
-        try:
-            log.info(
-                f"megaspan train: {m.norm_placement} GPT, {m.num_layers} layers x {m.hidden_size}, "
-                f"{total_params / 1e6:.2f}M params, vocab {vocab}, world {dist.get_world_size()} "
-                f"(dp {layout.dp_size}), {layout.num_microbatches} micro-batches/step, "
-                f"dtype {objs.config.params_dtype}, run dir {run_dir(cfg)}"
-            )
-            progress = _restore(cfg, resume, objs, log)
-            return Trainer(cfg, objs, datasets, layout, log, preempt).run(progress)
-        finally:
-            log.close()
-    finally:
-        destroy_num_microbatches_calculator()
-        runtime.destroy()
-        preempt.restore()
+    return _train(cfg)

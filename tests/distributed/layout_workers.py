@@ -1,10 +1,10 @@
 """Per-rank functions for the layout-equivalence and resharding tests.
 
-Every case drives megaspan's own training path: ``build_training_objects`` (DDP, Megatron
-optimizer, scheduler), :class:`megaspan.training.trainer.Trainer` (``train_step`` through
-``get_forward_backward_func``, ``evaluate``, ``save``) and ``load_checkpoint``. Only the data is
-synthetic: a fixed in-memory dataset with GPTDataset's sample keys, so every layout sees the
-same tokens without building a tokenizer or an indexed corpus.
+Every case drives megaspan's own training path through its public API: ``build_trainer``
+(DDP, Megatron optimizer, scheduler, checkpoint restore) and ``Trainer.fit`` with the built-in
+hooks, plus a :class:`LossRecorder` hook defined here. Only the data is synthetic: a fixed
+in-memory dataset with GPTDataset's sample keys, so every layout sees the same tokens without
+building a tokenizer or an indexed corpus.
 
 Many cases run in one set of processes (spawning and importing Megatron costs seconds per rank),
 each re-initializing Megatron's model-parallel state for its own layout.
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from megaspan.config.loader import ConfigError, load_config
+from megaspan.config.loader import load_config
 from megaspan.config.schema import MegaspanConfig
+from megaspan.errors import UserError
+from megaspan.training.hooks import Hook
 
 VOCAB = 128
 SEQ = 16
@@ -69,7 +71,17 @@ class Case:
         return f"{self.placement}-{'moe' if self.moe else 'dense'}-{self.layout}"
 
 
-def layout_config(placement: str, moe: bool, layout: str, ckpt_dir: str, load_optimizer: bool = False) -> MegaspanConfig:
+def layout_config(
+    placement: str,
+    moe: bool,
+    layout: str,
+    ckpt_dir: str,
+    *,
+    steps: int = STEPS,
+    resume: str = "none",
+    load_optimizer: bool = False,
+    save_at_end: bool = False,
+) -> MegaspanConfig:
     overrides = [
         f"model.norm_placement={placement}",
         "model.num_layers=4",
@@ -78,20 +90,27 @@ def layout_config(placement: str, moe: bool, layout: str, ckpt_dir: str, load_op
         "model.num_query_groups=2",
         f"model.seq_length={SEQ}",
         "precision.dtype=fp32",
-        f"training.steps={STEPS}",
+        f"training.steps={steps}",
         f"training.micro_batch_size={MICRO_BATCH}",
         f"training.global_batch_size={GLOBAL_BATCH}",
         f"training.eval_steps={EVAL_STEPS}",
         f"training.seed={SEED}",
         f"training.run_dir={ckpt_dir}",
+        "training.eval_interval=1000",  # validation at step 0 and after the last step only
         f"checkpoint.dir={ckpt_dir}",
         "checkpoint.keep_last=null",
+        f"checkpoint.resume={resume}",
         f"checkpoint.load_optimizer={'true' if load_optimizer else 'false'}",
+        f"checkpoint.save_at_end={'true' if save_at_end else 'false'}",
         "schedule.warmup_steps=1",
+        # The schedule must not depend on training.steps: a case that stops at step 3 and one
+        # that resumes it to step 5 follow the same LR curve as the 5-step reference.
+        f"schedule.decay_steps={STEPS}",
         "optimizer.lr=3.0e-3",
         "optimizer.min_lr=3.0e-4",
         "logging.tensorboard=false",
         "logging.progress_bar=false",
+        "logging.log_interval=1000",
     ]
     if moe:
         # The auxiliary load-balancing loss stays on (its default): it must reshard too.
@@ -123,66 +142,52 @@ def synthetic_dataset(num_samples: int, seed: int) -> list[dict[str, torch.Tenso
     return samples
 
 
-def _trainer(cfg: MegaspanConfig):
-    """Megatron state, training objects and the Trainer for ``cfg`` on this rank's layout."""
-    import torch.distributed as dist
-    from megatron.core.num_microbatches_calculator import (
-        destroy_num_microbatches_calculator,
-        init_num_microbatches_calculator,
-    )
+class LossRecorder(Hook):
+    """A hook from outside the package: the per-step training losses (every rank sees the same
+    all-reduced value)."""
 
-    from megaspan.runtime import initialize_model_parallel
-    from megaspan.training import trainer as tr
-    from megaspan.training.metrics import MetricsLogger
-    from megaspan.training.setup import build_training_objects
-    from megaspan.training.signals import PreemptionFlag
+    def __init__(self) -> None:
+        self.losses: list[float] = []
 
-    torch.manual_seed(SEED)
-    initialize_model_parallel(cfg.parallel, SEED)
-    layout = tr._layout(cfg)
-    destroy_num_microbatches_calculator()
-    init_num_microbatches_calculator(
-        dist.get_rank(), None, cfg.training.global_batch_size, cfg.training.micro_batch_size, layout.dp_size
-    )
-    objs = build_training_objects(cfg, VOCAB)
+    def on_step_end(self, trainer, result) -> None:
+        self.losses.append(result.loss)
+
+
+def _trainer(cfg: MegaspanConfig, recorder: LossRecorder):
+    """The Trainer for ``cfg`` on this rank's layout, through the public builder."""
+    from megaspan.training.build import build_trainer
+
     datasets = (
         synthetic_dataset(STEPS * GLOBAL_BATCH, seed=1),
         synthetic_dataset(EVAL_STEPS * GLOBAL_BATCH, seed=2),
     )
-    log = MetricsLogger(
-        enabled=False, total_steps=STEPS, run_dir=None, tensorboard=False, progress_bar=False, flops_per_token=None
-    )
-    return tr.Trainer(cfg, objs, datasets, layout, log, PreemptionFlag())
-
-
-def _load(trainer, path: str, load_optimizer: bool):
-    from megaspan.training.checkpoint import load_checkpoint
-    from megaspan.training.setup import cuda_free
-
-    objs = trainer.objs
-    with cuda_free():
-        return load_checkpoint(Path(path), objs.chunks, objs.optimizer, objs.scheduler, load_optimizer=load_optimizer)
+    return build_trainer(cfg, hooks=[recorder], datasets=datasets, vocab_size=VOCAB)
 
 
 def run_case(case: Case) -> dict:
     """Per-step training losses, final validation loss and (if asked) the saved checkpoint."""
-    from megaspan.training.checkpoint import Progress
+    from megaspan.training.checkpoint import checkpoint_name
 
     start = time.perf_counter()
-    cfg = layout_config(case.placement, case.moe, case.layout, case.out_dir)
-    trainer = _trainer(cfg)
+    cfg = layout_config(
+        case.placement, case.moe, case.layout, case.out_dir,
+        steps=case.steps, resume=case.init or "none", save_at_end=case.save,
+    )
+    recorder = LossRecorder()
+    trainer = _trainer(cfg, recorder)  # loads ``case.init`` weights-only
     if case.init is None:
-        trainer.save(Progress(0, 0))  # the shared starting point of every layout
-    else:
-        _load(trainer, case.init, load_optimizer=False)
+        trainer.save()  # the shared starting point of every layout (step 0)
     loaded = time.perf_counter()
-    iterators = trainer._iterators(trainer.train_ds, 0)
-    losses = [trainer.train_step(iterators, step)[0] for step in range(1, case.steps + 1)]
-    valid = trainer.evaluate()
+    try:
+        trainer.fit()  # validation at step 0 and at the end; saves at the end if case.save
+    finally:
+        trainer.close()
     trained = time.perf_counter()
-    saved = trainer.save(Progress(case.steps, case.steps * GLOBAL_BATCH)) if case.save else None
-    seconds = dict(setup=loaded - start, train=trained - loaded, save=time.perf_counter() - trained)
-    return dict(losses=losses, valid=valid, checkpoint=str(saved) if saved else None, seconds=seconds)
+    valid_step, valid = trainer.val_losses[-1]
+    assert valid_step == case.steps
+    saved = Path(case.out_dir) / checkpoint_name(case.steps) if case.save else None
+    seconds = dict(setup=loaded - start, train=trained - loaded)
+    return dict(losses=recorder.losses, valid=valid, checkpoint=str(saved) if saved else None, seconds=seconds)
 
 
 def _allow_child_processes() -> None:
@@ -217,19 +222,24 @@ def reload_case(job: Reload) -> dict:
     """Validation loss right after loading; with the optimizer, losses of the remaining steps."""
     import tempfile
 
-    cfg = layout_config(job.placement, job.moe, job.layout, tempfile.mkdtemp(prefix="megaspan-reload-"))
-    trainer = _trainer(cfg)
+    cfg = layout_config(
+        job.placement, job.moe, job.layout, tempfile.mkdtemp(prefix="megaspan-reload-"),
+        resume=job.checkpoint, load_optimizer=job.load_optimizer,
+    )
+    recorder = LossRecorder()
     try:
-        progress = _load(trainer, job.checkpoint, job.load_optimizer)
-    except ConfigError as exc:  # a refused load is a result too (its message is tested)
+        trainer = _trainer(cfg, recorder)
+    except UserError as exc:  # a refused load is a result too (its message is tested)
         return dict(error=str(exc))
-    valid = trainer.evaluate()
-    losses = []
-    if job.load_optimizer:
-        # Resume exactly where the saved run stopped: same data position and LR schedule.
-        iterators = trainer._iterators(trainer.train_ds, progress.consumed_samples)
-        losses = [trainer.train_step(iterators, step)[0] for step in range(progress.step + 1, STEPS + 1)]
-    return dict(valid=valid, step=progress.step, losses=losses)
+    try:
+        step = trainer.progress.step
+        valid = trainer.evaluate()
+        if job.load_optimizer:
+            # Resume exactly where the saved run stopped: same data position and LR schedule.
+            trainer.fit()
+    finally:
+        trainer.close()
+    return dict(valid=valid, step=step, losses=recorder.losses)
 
 
 def reload_cases(rank: int, world_size: int, jobs: list[Reload]) -> dict[Reload, dict]:

@@ -1,0 +1,1 @@
+"""The built-in hooks, one concern per module (see :mod:`megaspan.training.hooks`)."""

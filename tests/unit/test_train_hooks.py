@@ -1,0 +1,124 @@
+"""The trainer's extension point, used from outside the package: hooks added through
+``build_trainer`` see every step, can stop the run, and cost no host sync unless they read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megaspan.training.build import build_trainer
+from megaspan.training.checkpoint import checkpoint_name, find_latest_valid
+from megaspan.training.hooks import Hook
+from tests.distributed import layout_workers as lw
+
+
+class Recorder(Hook):
+    """Counts every call and keeps the losses: the kind of hook a user would write."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.before: list[int] = []
+        self.losses: dict[int, float] = {}
+
+    def on_fit_start(self, trainer) -> None:
+        self.calls.append("start")
+
+    def before_optimizer_step(self, trainer, step: int) -> None:
+        self.before.append(step)
+
+    def on_step_end(self, trainer, result) -> None:
+        self.calls.append("step")
+        self.losses[result.step] = result.loss
+
+    def on_fit_end(self, trainer) -> None:
+        self.calls.append("end")
+
+
+def _datasets():
+    return (
+        lw.synthetic_dataset(lw.STEPS * lw.GLOBAL_BATCH, seed=1),
+        lw.synthetic_dataset(lw.EVAL_STEPS * lw.GLOBAL_BATCH, seed=2),
+    )
+
+
+def _trainer(tmp_path: Path, *hooks: Hook, **options):
+    cfg = lw.layout_config("pre", False, "tp1", str(tmp_path / "run"), **options)
+    return build_trainer(cfg, hooks=list(hooks), datasets=_datasets(), vocab_size=lw.VOCAB)
+
+
+def test_a_hook_from_outside_sees_every_step(single_process_group, tmp_path):
+    rec = Recorder()
+    trainer = _trainer(tmp_path, rec)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    assert rec.calls == ["start"] + ["step"] * lw.STEPS + ["end"]
+    assert rec.before == list(range(1, lw.STEPS + 1))
+    assert rec.losses[lw.STEPS] < rec.losses[1] - 0.1  # it really trained
+    assert [s for s, _ in trainer.val_losses] == [0, lw.STEPS]
+
+
+class StopAt(Hook):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, result) -> None:
+        if result.step == self.step:
+            trainer.request_stop("enough", 3, status="failed", checkpoint=True)
+
+
+def test_a_hook_can_stop_the_run_with_an_exit_code_and_a_checkpoint(single_process_group, tmp_path):
+    rec = Recorder()
+    trainer = _trainer(tmp_path, StopAt(2), rec)
+    try:
+        assert trainer.fit() == 3
+    finally:
+        trainer.close()
+    assert sorted(rec.losses) == [1, 2] and trainer.stop.reason == "enough"
+    ckpts = tmp_path / "run"
+    assert find_latest_valid(ckpts) == ckpts / checkpoint_name(2)
+
+
+class SyncProbe(Hook):
+    """Records whether the step's reduced values were already on the host when it ran."""
+
+    def __init__(self) -> None:
+        self.synced: list[bool] = []
+
+    def on_step_end(self, trainer, result) -> None:
+        self.synced.append(result.reduced.synced)
+
+
+def test_no_host_sync_for_the_loss_between_log_steps(single_process_group, tmp_path):
+    probe = SyncProbe()
+    trainer = _trainer(tmp_path, probe)  # log_interval=1000: only the last step logs
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert probe.synced == [False] * (lw.STEPS - 1) + [True]
+
+
+@pytest.mark.parametrize("stop_step", [1, 3])
+def test_resume_after_a_stop_matches_the_uninterrupted_losses(single_process_group, tmp_path, stop_step):
+    straight = Recorder()
+    trainer = _trainer(tmp_path / "a", straight)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    first, second = Recorder(), Recorder()
+    trainer = _trainer(tmp_path / "b", StopAt(stop_step), first)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    trainer = _trainer(tmp_path / "b", second, resume="auto", load_optimizer=True)
+    try:
+        assert trainer.progress.step == stop_step
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert {**first.losses, **second.losses} == straight.losses  # exact

@@ -28,7 +28,9 @@ os.environ["MEGASPAN_CACHE_DIR"] = str(_CACHE_DIR)
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--all", action="store_true", default=False,
+        "--all",
+        action="store_true",
+        default=False,
         help="run the full placement x layout matrix (otherwise a representative subset; see slow)",
     )
 

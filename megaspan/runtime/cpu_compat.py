@@ -36,7 +36,10 @@ PATCHED_NAMES: tuple[tuple[str, str], ...] = (
     ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving"),
     ("megatron.core.pipeline_parallel", "get_forward_backward_func"),
     ("megatron.core.transformer.utils", "get_default_causal_mask"),
-    ("megatron.core.models.common.language_module.language_module.LanguageModule", "setup_embeddings_and_output_layer"),
+    (
+        "megatron.core.models.common.language_module.language_module.LanguageModule",
+        "setup_embeddings_and_output_layer",
+    ),
     ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
     ("megatron.core.pipeline_parallel.schedules", "get_forward_backward_func"),
 )
@@ -146,12 +149,8 @@ def _patch_torch_cuda() -> None:
 def _patch_megatron() -> None:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
 
-    random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
-        torch.get_rng_state()
-    )
-    random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
-        new_state
-    )
+    random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
     base = random.CudaRNGStatesTracker
 

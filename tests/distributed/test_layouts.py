@@ -95,8 +95,13 @@ def layout_runs(base, reference, dist_pool, full):
     def get(layout: str) -> list[dict[str, dict]]:
         if layout not in done:
             cases = [
-                lw.Case(p, moe, layout, str(base / _name(p, moe, "tp1") / "step_0000000"),
-                        str(base / _name(p, moe, layout)))
+                lw.Case(
+                    p,
+                    moe,
+                    layout,
+                    str(base / _name(p, moe, "tp1") / "step_0000000"),
+                    str(base / _name(p, moe, layout)),
+                )
                 for p, moe in MODELS
                 if _applies(p, moe, layout) and _selected(p, layout, full)
             ]

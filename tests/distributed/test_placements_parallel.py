@@ -44,7 +44,9 @@ def test_tp2_sp_equals_tp1(tp1, tp2, placement, moe):
 PIPELINE_CASES = {
     ("spannorm", ()): lambda layer: (layer["input_norm"] == "SPNorm") == (layer["number"] == 1),
     ("hybridnorm_star", ()): lambda layer: (layer["input_norm"] == "SPNorm") == (layer["number"] == 1),
-    ("mixln", ("model.norm.mixln_alpha=0.75",)): lambda layer: (layer["post_attn_norm"] == "SPNorm") == (layer["number"] <= 3),
+    ("mixln", ("model.norm.mixln_alpha=0.75",)): lambda layer: (
+        (layer["post_attn_norm"] == "SPNorm") == (layer["number"] <= 3)
+    ),
     ("lns", ()): lambda layer: layer["scale"] == pytest.approx(1 / math.sqrt(layer["number"])),
 }
 

@@ -47,15 +47,32 @@ def runs(tmp_path_factory, dist_pool):
     ref_cases = [lw.Case(p, moe, "tp1", None, str(base / _name(p, moe, "tp1"))) for p, moe in MODELS]
     reference = dist_pool(1).run(lw.run_cases, ref_cases, timeout=TIMEOUT_S)[0]
     sources = [
-        lw.Case(p, moe, layout, str(base / _name(p, moe, "tp1") / "step_0000000"),
-                str(base / _name(p, moe, layout)), save=True, steps=SAVED_AT)
+        lw.Case(
+            p,
+            moe,
+            layout,
+            str(base / _name(p, moe, "tp1") / "step_0000000"),
+            str(base / _name(p, moe, layout)),
+            save=True,
+            steps=SAVED_AT,
+        )
         for p, moe, layout in SOURCES
     ]
     saved = dist_pool(2).run(lw.run_cases, sources, timeout=TIMEOUT_S)[0]
-    jobs = [lw.Reload(p, moe, "tp1", saved[_name(p, moe, layout)]["checkpoint"], False) for p, moe, layout in SOURCES]
-    jobs += [lw.Reload(p, moe, "tp1", saved[_name(p, moe, layout)]["checkpoint"], True) for p, moe, layout in FULL_STATE]
+    jobs = [
+        lw.Reload(p, moe, "tp1", saved[_name(p, moe, layout)]["checkpoint"], False)
+        for p, moe, layout in SOURCES
+    ]
+    jobs += [
+        lw.Reload(p, moe, "tp1", saved[_name(p, moe, layout)]["checkpoint"], True)
+        for p, moe, layout in FULL_STATE
+    ]
     # Distributed-optimizer state into a plain optimizer: refused with a one-line fix.
-    jobs.append(lw.Reload("spannorm", False, "tp1", saved[_name("spannorm", False, "dp2-distopt")]["checkpoint"], True))
+    jobs.append(
+        lw.Reload(
+            "spannorm", False, "tp1", saved[_name("spannorm", False, "dp2-distopt")]["checkpoint"], True
+        )
+    )
     reloaded = dist_pool(1).run(lw.reload_cases, jobs, timeout=TIMEOUT_S)[0]
     return reference, saved, reloaded
 

@@ -100,8 +100,11 @@ class Pool:
         self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
         port = free_port()
         self._procs = [
-            ctx.Process(target=_rank_main, args=(r, self.world_size, port, self._inboxes[r], self._results),
-                        daemon=True)
+            ctx.Process(
+                target=_rank_main,
+                args=(r, self.world_size, port, self._inboxes[r], self._results),
+                daemon=True,
+            )
             for r in range(self.world_size)
         ]
         for p in self._procs:

@@ -45,7 +45,10 @@ def loss_and_grads(rank, world_size, tp: int, cases):
 
     results = {}
     for placement, moe in cases:
-        extra = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}"]
+        extra = [
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.sequence_parallel={'true' if tp > 1 else 'false'}",
+        ]
         cfg = tiny_cfg(placement, moe, extra=extra)
         initialize_model_parallel(cfg.parallel, seed=1234)
         built = build_model(cfg, vocab_size=VOCAB)

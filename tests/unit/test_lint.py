@@ -18,8 +18,14 @@ pytestmark = pytest.mark.integration  # installs and runs the linters (subproces
 
 def test_lint_clean():
     try:
-        proc = subprocess.run(["bash", str(REPO / "tools" / "lint.sh")], cwd=REPO, capture_output=True,
-                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["bash", str(REPO / "tools" / "lint.sh")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("tools/lint.sh took more than 10 minutes")
     if proc.returncode == 3 and "could not be installed" in proc.stderr:

@@ -28,7 +28,9 @@ def _resolve(module: str, attr: str):
     return getattr(obj, attr)
 
 
-@pytest.mark.parametrize("module,attr", cpu_compat.PATCHED_NAMES, ids=[f"{m}.{a}" for m, a in cpu_compat.PATCHED_NAMES])
+@pytest.mark.parametrize(
+    "module,attr", cpu_compat.PATCHED_NAMES, ids=[f"{m}.{a}" for m, a in cpu_compat.PATCHED_NAMES]
+)
 def test_patched_megatron_name_exists(module, attr):
     assert _resolve(module, attr) is not None
 
@@ -129,7 +131,9 @@ def test_single_process_ignores_an_inherited_busy_master_port():
             "from megaspan.runtime import init_process_group, destroy\n"
             "init_process_group(timeout_s=60); destroy(); print('ok')\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --slurm: at most K cells at once")
     p.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch command only")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides appended to every cell (after the sweep's own)")
+                   help="dotted overrides appended to every cell (after the sweep's own); write them "
+                   "right after SWEEP, before the options")
     p.set_defaults(func=run)
 
 

@@ -183,3 +183,12 @@ def test_variants_are_reported_apart(tmp_path):
     headers, rows = stability_table(collect([root]))
     assert sorted(row[0] for row in rows) == ["pre/dense", "pre/moe4"]
     assert [c["name"] for c in sweep["cells"]] == ["dense-pre-L2", "moe4-pre-L2"]
+
+
+def test_cli_report(sweep_dir, tmp_path, capsys):
+    from megaspan.cli import main
+
+    assert main(["report", str(sweep_dir), "-o", str(tmp_path / "out"), "--format", "html"]) == 0
+    assert "report.html (19 runs, 7 plots)" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "megaspan: error:" in capsys.readouterr().err

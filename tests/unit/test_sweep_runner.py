@@ -189,3 +189,33 @@ def test_sbatch_script_resolves_the_cell_through_the_package(tmp_path):
     args = proc.stdout.splitlines()[1:]
     assert args[:2] == ["--config", "tiny"] and "model.norm_placement=post" in args
     assert args[-2:] == ["x.y=1", f"training.run_dir={tmp_path / 'sweepdir'}/post-L4-s1"]
+
+
+def test_cli_sweep_list_and_errors(tmp_path, capsys):
+    from megaspan.cli import main
+
+    assert main(["sweep", "cpu-small", "--list", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "spannorm-attn-L24-lr0.01-s2" in out and "pending" in out
+    assert main(["sweep", "no-such-sweep"]) == 2
+    assert "megaspan: error: sweep file 'no-such-sweep' not found" in capsys.readouterr().err
+    assert main(["sweep", "cpu-small", "notanoverride", "--runs", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_real_cells_then_resume(tmp_path, monkeypatch):
+    """Two real `megaspan train` cells; the second invocation skips both (summary.json written by
+    the trainer) or, for a trainer without summaries, resumes from the final checkpoint."""
+    monkeypatch.setenv("MEGASPAN_CACHE_DIR", str(tmp_path / "cache"))
+    sweep = expand({"name": "real", "config": "tiny",
+                    "fixed": {"training.steps": 2, "training.eval_interval": 2, "training.eval_steps": 1,
+                              "schedule.warmup_steps": 1, "logging.diagnostics_interval": 1},
+                    "axes": {"placement": ["pre", "post"], "depth": [2]}})
+    runs = tmp_path / "runs"
+    lines: list[str] = []
+    code, results = run_local(sweep, runs, echo=lines.append)
+    assert code == 0, [(r.name, (runs / r.name / CELL_LOG).read_text()[-2000:]) for r in results]
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert all((runs / r.name / "config.yaml").is_file() for r in results)
+    code, results = run_local(sweep, runs, echo=lines.append)
+    assert code == 0

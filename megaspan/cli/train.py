@@ -3,7 +3,7 @@
 Order matters: the config is loaded and :func:`megaspan.config.validate` runs every data-free
 check (layout, batch sizes, schedule, norm options, Transformer Engine/FP8/CUDA availability)
 before anything touches the data cache or the run directory, so a bad input fails in one line and
-leaves no trace. The work itself is :func:`megaspan.training.build.train`.
+leaves no trace. The work itself is the training library's ``train(cfg)``.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaspan.config.loader import config_to_dict, load_config
-    from megaspan.config.validate import validate
+    from megaspan.config import config_to_dict, load_config, validate
+    from megaspan.models import detect_capabilities  # torch + Megatron: fine, this is the train path
     from megaspan.runtime.distributed import env_from_launcher
-    from megaspan.training.setup import check_schedule
 
     cfg = load_config(args.config, args.overrides)
-    validate(cfg, env_from_launcher().world_size)
-    check_schedule(cfg)
+    validate(cfg, env_from_launcher().world_size, detect_capabilities())
     if args.dry_run:
         import yaml
 

@@ -44,7 +44,8 @@ RESUMED_RE = re.compile(r"resumed from checkpoint at step (\d+)")
 LABEL_RE = re.compile(r"^(\d+): ")
 
 
-@pytest.fixture(scope="module", autouse=True)
+# Session scope: set up before the `slurm` fixture, so a broken CLI fails even without a cluster.
+@pytest.fixture(scope="session", autouse=True)
 def _needs_trainer():
     proc = subprocess.run(
         [sys.executable, "-m", "megaspan", "train", "--help"],

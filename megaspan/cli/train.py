@@ -3,7 +3,7 @@
 Order matters: the config is loaded and :func:`megaspan.config.validate` runs every data-free
 check (layout, batch sizes, schedule, norm options, Transformer Engine/FP8/CUDA availability)
 before anything touches the data cache or the run directory, so a bad input fails in one line and
-leaves no trace. The work itself is the training library's ``train(cfg)``.
+leaves no trace. The work itself is :func:`megaspan.training.build.train`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     from megaspan.runtime import setup_cpu
-    from megaspan.training.trainer import train
+    from megaspan.training.build import train
 
     setup_cpu()  # Megatron-Core's CUDA sites emulated on a CPU-only machine; a no-op with CUDA
     return train(cfg)

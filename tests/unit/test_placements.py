@@ -128,3 +128,27 @@ def test_dropout_runs_through_fused_bda(mcore):
         c, d = decoder(hidden_states=x, attention_mask=None), decoder(hidden_states=x, attention_mask=None)
     assert torch.equal(c, d)
     assert math.isfinite(c.sum().item())
+
+
+def test_every_placement_module_registers_a_placement():
+    """Discovery: each file in megaspan/norms/placements registers at least one placement."""
+    import pkgutil
+
+    from megaspan.norms import placements
+
+    modules = {info.name for info in pkgutil.iter_modules(placements.__path__)}
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in available().values()} == modules
+
+
+def test_slot_table_drives_submodules_and_layer(mcore):
+    """Every row of SLOTS is a submodule field and a layer attribute (peri uses four of them)."""
+    import dataclasses
+
+    from megaspan.norms import SLOTS
+    from megaspan.norms.layer import NormPlacementSubmodules
+
+    assert {s.module for s in SLOTS} <= {f.name for f in dataclasses.fields(NormPlacementSubmodules)}
+    layer = build_model(make_cfg("peri"), vocab_size=64).chunks[0].decoder.layers[0]
+    for slot in SLOTS:
+        on = getattr(layer.plan, slot.flag)
+        assert (type(getattr(layer, slot.module)).__name__ == "SPNorm") == on, slot.module

@@ -18,7 +18,8 @@ megaspan_has_gpus() {
 }
 
 # megaspan_gpu_env_defaults: H100 (Hopper) defaults, exported only when GPUs are present.
-# Values follow Megatron-LM's own sbatch examples (see shared/docs/megatron-core-notes.md §5.1).
+# Values follow Megatron-LM's own sbatch examples (examples/megatron_fsdp/sbatch_mfsdp_deepseek_v3.sh)
+# and megatron/training/arguments.py (CUDA_DEVICE_MAX_CONNECTIONS).
 megaspan_gpu_env_defaults() {
     megaspan_has_gpus || return 0
     # TP/CP communication overlap needs kernels queued in issue order on Hopper and earlier.

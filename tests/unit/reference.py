@@ -1,6 +1,6 @@
 """Independent plain-PyTorch reference of every placement's block equations.
 
-Written from shared/docs/norm-placements.md, NOT from megaspan's layer code (nothing from
+Written from the equations in docs/placements.md, NOT from megaspan's layer code (nothing from
 megaspan.norms is imported). It uses the built Megatron layer only for:
 * its parameters (norm gains/biases, QKV/proj weights), read by slot name;
 * the attention and MLP/MoE submodules as black boxes - except for HybridNorm, whose Q/K/V
@@ -110,7 +110,7 @@ def block(name: str, layer, x, l: int, L: int, kind: str, eps: float, opts):  # 
     raise KeyError(name)
 
 
-# Final norm before the LM head, per norm-placements.md §6.
+# Final norm before the LM head, per docs/placements.md (summary table).
 FINAL_NORM = {
     "pre": True,
     "lns": True,

@@ -4,7 +4,7 @@
     x' = y + N4(F(N2(y)))        plus a final norm.
 
 Secondary sources say Peri-LN also normalizes the embedding output; megaspan does not (the
-abstract does not say so) - see norm-placements.md §4.5.
+abstract does not say so) - see docs/placements.md (Peri-LN).
 """
 
 from megaspan.norms.base import LayerPlan, Placement

@@ -1,7 +1,7 @@
 """SpanNorm (Wang et al., arXiv 2601.22580, ICML 2026) - RECONSTRUCTED equations.
 
 The paper's full text was not available; the block below follows the best available
-reconstruction (norm-placements.md §1.2): a clean residual that spans the *whole*
+reconstruction (docs/placements.md, SpanNorm caveat): a clean residual that spans the *whole*
 block, and a Post-LN-style norm of the aggregated block output.
 
     x~ = N0(x)  in block 0 only (the embedding is not normalized), else x

@@ -65,6 +65,9 @@ class ModelConfig:
     share_embeddings_and_output_weights: bool = True
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """'auto' = TE when it imports and CUDA is present, else the local (CPU-capable) backend."""
+    arch: Literal["gpt", "hybrid"] = "gpt"
+    """'gpt' = Megatron-Core's GPTModel; 'hybrid' = its HybridModel, each block as an attention
+    layer '*' and an MLP/MoE layer '-'/'E' (bitwise equal to gpt on the same weights)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

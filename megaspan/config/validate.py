@@ -216,6 +216,23 @@ def check_parallel_options(cfg: MegaspanConfig) -> None:
         )
 
 
+def check_hybrid(cfg: MegaspanConfig) -> None:
+    """model.arch=hybrid runs a block as two layers; a block-spanning placement (SpanNorm, B2T)
+    hands the block input from the attention layer to the MLP layer, so both must run in one
+    recompute chunk. recompute_method=block checkpoints every hybrid layer on its own."""
+    from megaspan.norms.registry import get_placement_class  # torch-free; resolved at call time
+
+    par = cfg.parallel
+    if cfg.model.arch != "hybrid" or par.recompute_granularity != "full" or par.recompute_method != "block":
+        return
+    if get_placement_class(cfg.model.norm_placement).block_spanning:
+        raise ConfigError(
+            f"model.arch=hybrid with model.norm_placement={cfg.model.norm_placement} cannot use "
+            "parallel.recompute_method=block (it recomputes a block's MLP layer without its attention "
+            "layer, which holds the block input): use parallel.recompute_method=uniform or model.arch=gpt"
+        )
+
+
 def check_world(cfg: MegaspanConfig, world_size: int) -> ParallelLayout:
     """The layout divides the world size and the batch; returns it."""
     if world_size < 1:
@@ -385,6 +402,7 @@ _CONFIG_CHECKS: tuple[Callable[[MegaspanConfig], None], ...] = (
     check_sizes,
     check_attention_and_tp,
     check_parallel_options,
+    check_hybrid,
     check_moe,
     check_positions,
     check_pipeline,

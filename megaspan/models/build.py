@@ -47,6 +47,10 @@ def build_model(
     cuda: bool | None = None,
 ) -> BuiltModel:
     """Build this rank's model chunks (pre/post-process flags from the pipeline position)."""
+    if cfg.model.arch == "hybrid":
+        from megaspan.models.hybrid import build_hybrid_model
+
+        return build_hybrid_model(cfg, vocab_size, init_rules=init_rules, cuda=cuda)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 

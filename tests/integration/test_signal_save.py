@@ -137,3 +137,41 @@ def test_kill_9_of_a_rank_leaves_no_helper_processes(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(2)
     assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _cli(run: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megaspan", "train", "--config", "tiny", f"training.run_dir={run}",
+            "logging.log_interval=1", "training.eval_interval=100000", *overrides]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background-from-script"])
+def test_sigint_to_megaspan_train_checkpoints_and_exits_130(tmp_path: Path, background: bool) -> None:
+    """No launcher: Ctrl-C on ``megaspan train``; and a run started with ``&`` from a script (SIGINT
+    inherited as ignored), which used to ignore ``kill -INT`` and train on."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in _env().items() if k != "NPROC"}
+    cmd = _cli(run, "training.steps=3000", "checkpoint.save_interval=1000")
+    if background:
+        script = " ".join(f"'{c}'" for c in cmd) + " & echo PID=$!; wait $!"
+        proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        target = proc.pid
+        if background:
+            _read_until(proc, r"^PID=\d+", lines)
+            target = int(lines[-1].strip().split("=")[1])
+        _read_until(proc, r"^step 3/", lines)
+        os.kill(target, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    latest = find_latest_valid(run / "checkpoints")
+    assert latest is not None and int(latest.name.split("_")[1]) >= 3
+    assert "signal SIGINT" in (run / "preempted").read_text()

@@ -326,3 +326,28 @@ def test_fault_injection_point_is_a_function(monkeypatch, mcore, tmp_path):
         _save(objs, tmp_path, 2)
     assert (tmp_path / "latest").read_text().strip() == first.name
     assert find_latest_valid(tmp_path) == first
+
+
+def test_signals_during_a_save_let_it_finish(monkeypatch, mcore, tmp_path):
+    """SIGTERM and a first Ctrl-C arriving mid-write only set the flag; the save commits."""
+    import signal
+
+    from megaspan.training.signals import PreemptionFlag
+
+    objs = _objs()
+    real = ck._write_shards
+
+    def signalled_write(state, tmp):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(state, tmp)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ck, "_write_shards", signalled_write)
+    flag = PreemptionFlag()
+    flag.install()
+    try:
+        path = _save(objs, tmp_path, 1)
+    finally:
+        flag.restore()
+    assert is_valid(path, verify=True) and (tmp_path / "latest").read_text().strip() == path.name
+    assert flag.signum == signal.SIGINT and flag.exit_code == 130

@@ -187,3 +187,38 @@ def test_pattern_refusals_are_one_line(pattern, words):
 
 def test_pattern_accepts_blocks():
     assert check_pattern("*-*E|*-*-") == ["*-*E", "*-*-"]
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def test_arch_defaults_to_gpt_and_dispatches(mcore):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    assert tiny_cfg("pre").model.arch == "gpt"
+    assert isinstance(build_model(tiny_cfg("pre"), VOCAB).chunks[0], GPTModel)
+    built = build_model(tiny_cfg("pre", extra=("model.arch=hybrid",)), VOCAB)
+    assert isinstance(built.chunks[0], HybridModel) and built.config.num_layers == 8
+
+
+@pytest.mark.parametrize("placement", ["spannorm", "b2t"])
+def test_block_recompute_refused_for_block_spanning_placements(placement):
+    from megaspan.config import validate
+    from megaspan.errors import ConfigError
+
+    recompute = ("parallel.recompute_granularity=full", "parallel.recompute_method=block",
+                 "parallel.recompute_num_layers=1")
+    with pytest.raises(ConfigError) as err:
+        validate(tiny_cfg(placement, extra=("model.arch=hybrid", *recompute)))
+    assert "recompute_method=uniform" in str(err.value) and "\n" not in str(err.value)
+    validate(tiny_cfg(placement, extra=recompute))  # gpt: one layer per block, fine
+    validate(tiny_cfg("pre", extra=("model.arch=hybrid", *recompute)))  # halves independent
+
+
+def test_uniform_recompute_equals_gpt(mcore):
+    """Full recompute in chunks of whole blocks (recompute_num_layers counts blocks)."""
+    extra = ("parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
+             "parallel.recompute_num_layers=1")
+    same_init, diff = compare(tiny_cfg("spannorm", extra=extra))
+    assert same_init and diff == []

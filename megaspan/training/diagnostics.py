@@ -1,20 +1,40 @@
 """Per-layer stability diagnostics: why one placement trains deeper than another.
 
-Every ``logging.diagnostics_interval`` steps, for each (global) layer ``l``:
+Every ``logging.diagnostics_interval`` steps, for each (global, 1-based) layer ``l``:
 
-* ``diag/rms/l``        RMS of the residual stream after layer ``l`` (Pre-LN's grows with depth;
+* ``rms``               RMS of the residual stream after layer ``l`` (Pre-LN's grows with depth;
                         Post-LN/B2T/SpanNorm keep it at the norm's scale);
-* ``diag/token_cos/l``  mean pairwise cosine similarity of the tokens of one sequence after layer
+* ``token_cosine``      mean pairwise cosine similarity of the tokens of one sequence after layer
                         ``l`` (-> 1 is rank collapse; HybridNorm Fig. 7, Noci et al. 2022);
-* ``diag/grad_attn/l``, ``diag/grad_mlp/l``  gradient norms of the attention and MLP/MoE
-                        parameters of layer ``l`` (vanishing in early layers = Post-LN's failure,
-                        in late layers = Pre-LN's "curse of depth"; Mix-LN / B2T papers).
+* ``angular_distance``  mean over tokens of arccos(cos(x_in, x_out)) / pi between the layer's input
+                        and output stream: how much the layer still changes the stream (near 0 in
+                        Pre-LN's late layers = "wasted depth"; Gromov et al. 2024);
+* ``max_abs``           max |activation| of the residual stream after layer ``l`` (outliers);
+* ``attn_grad_norm``, ``mlp_grad_norm``  gradient norms of the attention and MLP/MoE parameters
+                        (vanishing in early layers = Post-LN's failure, in late layers = Pre-LN's
+                        "curse of depth"; Mix-LN / B2T papers);
+* ``attn_update_ratio``, ``mlp_update_ratio``  ||W_after - W_before|| / ||W_before|| of the layer's
+                        attention / MLP weight matrices over the optimizer step;
+* MoE layers: ``moe_tokens_per_expert`` (list: tokens routed to each expert, top-k counted once per
+  choice), ``moe_load_cv`` (coefficient of variation of that load: 0 = balanced) and
+  ``moe_router_entropy`` (mean entropy, in nats, of softmax(router logits) per token).
 
-Values are exact under TP and PP (shards and stages are summed over the model-parallel group);
-with sequence parallelism the activation statistics are those of TP rank 0's token shard.
+Activation statistics come from the first micro-batch of the step on data-parallel rank 0 (TP
+rank 0's token shard under sequence parallelism). Parameter statistics (gradient norms, update
+ratios) are exact for the whole model under TP/PP/EP/DP: every rank adds its shard's sum of
+squares divided by the number of ranks holding an identical copy, then one all-reduce over all
+ranks. The MoE load sums the first micro-batch's routing over every data-parallel replica.
+
+Records go to TensorBoard (``diag/<field>/layer_NNN``) and, one JSON object per armed step, to
+``<run_dir>/diagnostics.jsonl`` (``{"step": s, "layers": {"<l>": {field: value}}}``), the source of
+``megaspan report``'s per-layer profiles.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,6 +43,15 @@ from megaspan.norms.layer import NormPlacementTransformerLayer
 from megaspan.training.hooks import Hook
 
 _MAX_TOKENS = 128  # cosine similarity is O(s^2): a sample of positions is enough
+JSONL = "diagnostics.jsonl"
+
+# Activation columns (per layer; reduced over the model-parallel group) and their names: TB tag
+# component, JSON key.
+ACT_FIELDS = (("rms", "rms"), ("token_cos", "token_cosine"), ("angular_distance", "angular_distance"),
+              ("max_abs", "max_abs"))
+# Parameter columns (sums of squares; reduced over all ranks with copy weights).
+GRAD_FIELDS = (("grad_attn", "attn_grad_norm"), ("grad_mlp", "mlp_grad_norm"))
+UPDATE_FIELDS = (("update_attn", "attn_update_ratio"), ("update_mlp", "mlp_update_ratio"))
 
 
 def _layers(chunks) -> list[NormPlacementTransformerLayer]:
@@ -45,10 +74,43 @@ def token_cosine(hidden: torch.Tensor) -> float:
     return float((sim.sum() - sim.diagonal().sum()) / (s * (s - 1)))
 
 
-class LayerDiagnostics:
-    """Forward hooks on every placement layer; inert except on armed steps."""
+def angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+    """Mean over tokens of arccos(cos(x_in_t, x_out_t)) / pi, in [0, 1]; [s, b, h] each."""
+    cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1, eps=1e-12)
+    return float(torch.arccos(cos.clamp(-1.0, 1.0)).mean() / math.pi)
 
-    FIELDS = ("rms", "token_cos", "grad_attn", "grad_mlp")
+
+def _column(name: str) -> int | None:
+    """0 = attention, 1 = MLP/MoE, None = neither (norms owned by the layer)."""
+    return 0 if name.startswith("self_attention.") else 1 if name.startswith("mlp.") else None
+
+
+def _copies(name: str, param) -> int:
+    """How many ranks hold an identical copy of this tensor (shard)."""
+    from megatron.core import parallel_state as ps
+
+    tp_sharded = getattr(param, "tensor_model_parallel", False)
+    if ".experts." in f".{name}":
+        copies = ps.get_expert_data_parallel_world_size()
+        return copies if tp_sharded else copies * ps.get_expert_tensor_parallel_world_size()
+    copies = ps.get_data_parallel_world_size(with_context_parallel=True)
+    return copies if tp_sharded else copies * ps.get_tensor_model_parallel_world_size()
+
+
+def _world_sum(table: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(table)
+    return table
+
+
+def _is_moe_router(module) -> bool:
+    return type(module).__name__.endswith("Router") and hasattr(module, "weight")
+
+
+class LayerDiagnostics:
+    """Forward hooks on every placement layer (and MoE router); inert except on armed steps."""
+
+    FIELDS = tuple(f for f, _ in ACT_FIELDS) + tuple(f for f, _ in GRAD_FIELDS)
 
     def __init__(self, chunks, num_layers: int, interval: int | None):
         self.chunks = chunks
@@ -56,62 +118,165 @@ class LayerDiagnostics:
         self.interval = interval
         self.layers = _layers(chunks)
         self.armed = False
-        self._acts: dict[int, tuple[float, float]] = {}
+        self._acts: dict[int, tuple[float, ...]] = {}
+        self._moe: dict[int, tuple[torch.Tensor, float, int]] = {}
+        self._before: dict[int, torch.Tensor] = {}
+        self.num_experts = 0
         if interval:
             for layer in self.layers:
-                layer.register_forward_hook(self._hook)
+                layer.register_forward_hook(self._hook, with_kwargs=True)
+                for module in layer.modules():
+                    if _is_moe_router(module):
+                        self.num_experts = max(self.num_experts, int(module.weight.shape[0]))
+                        module.register_forward_hook(self._router_hook(layer.layer_number))
 
     def arm(self, step: int) -> bool:
         """Record during the step that will be numbered ``step`` (1-based)?"""
         self.armed = bool(self.interval) and step % self.interval == 0
         self._acts.clear()
+        self._moe.clear()
+        self._before.clear()
         return self.armed
 
-    def _hook(self, layer, inputs, output) -> None:
+    def _hook(self, layer, args, kwargs, output) -> None:
         # Keep the first micro-batch only: one sample per step is the diagnostic, not a mean.
         if not self.armed or not layer.training or layer.layer_number in self._acts:
             return
         hidden = output[0] if isinstance(output, tuple) else output
+        x_in = kwargs.get("hidden_states", args[0] if args else None)
         with torch.no_grad():
-            rms = float(hidden.float().pow(2).mean().sqrt())
-            self._acts[layer.layer_number] = (rms, token_cosine(hidden))
+            h = hidden.float()
+            rms = float(h.pow(2).mean().sqrt())
+            angle = angular_distance(x_in, hidden) if isinstance(x_in, torch.Tensor) else math.nan
+            self._acts[layer.layer_number] = (rms, token_cosine(hidden), angle, float(h.abs().max()))
+
+    def _router_hook(self, layer_number: int):
+        def hook(router, args, output) -> None:
+            if not self.armed or not router.training or layer_number in self._moe or not args:
+                return
+            with torch.no_grad():
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                bias = getattr(router, "bias", None)
+                logits = torch.nn.functional.linear(x, router.weight.float(),
+                                                    None if bias is None else bias.float())
+                logp = torch.log_softmax(logits, dim=-1)
+                entropy = float(-(logp.exp() * logp).sum(-1).sum())
+                routing_map = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if isinstance(routing_map, torch.Tensor) and routing_map.shape == logits.shape:
+                    load = routing_map.float().sum(0)
+                else:  # fall back to the top-k of the logits
+                    k = router.config.moe_router_topk
+                    load = torch.zeros_like(logits[0]).index_add_(
+                        0, logits.topk(k, dim=-1).indices.flatten(), torch.ones(x.shape[0] * k))
+                self._moe[layer_number] = (load.double().cpu(), entropy, x.shape[0])
+        return hook
+
+    def _param_sums(self, fn) -> torch.Tensor:
+        """[num_layers, 2] (attn, mlp) of fn(name, param) summed so a world all-reduce is exact."""
+        table = torch.zeros(self.num_layers, 2, dtype=torch.float64)
+        for layer in self.layers:
+            for name, param in layer.named_parameters():
+                col = _column(name)
+                value = fn(name, param) if col is not None else None
+                if value is not None:
+                    table[layer.layer_number - 1, col] += value / _copies(name, param)
+        return table
 
     def collect(self, device: torch.device) -> dict[str, float]:
         """All ranks call this after the backward of an armed step; returns tag -> value."""
         from megatron.core import parallel_state as ps
 
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        table = torch.zeros(self.num_layers, 4, dtype=torch.float64, device=device)
-        for layer in self.layers:
-            row = layer.layer_number - 1
-            if tp_rank == 0 and layer.layer_number in self._acts:
-                table[row, 0], table[row, 1] = self._acts[layer.layer_number]
-            for name, param in layer.named_parameters():
-                grad = _grad(param)
-                # Replicated (non-TP) params are identical on every TP rank: count them once.
-                if grad is None or (tp_rank != 0 and not getattr(param, "tensor_model_parallel", False)):
-                    continue
-                col = 2 if name.startswith("self_attention.") else 3 if name.startswith("mlp.") else None
-                if col is not None:
-                    table[row, col] += grad.float().pow(2).sum().item()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(table, group=ps.get_model_parallel_group())
-        table[:, 2:] = table[:, 2:].sqrt()
+        first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        acts = torch.zeros(self.num_layers, len(ACT_FIELDS), dtype=torch.float64)
+        if first:
+            for number, values in self._acts.items():
+                acts[number - 1] = torch.tensor(values, dtype=torch.float64)
+
+        def grad_sq(name, param):
+            grad = _grad(param)
+            return None if grad is None else float(grad.float().pow(2).sum())
+
+        grads = self._param_sums(grad_sq)
+        # MoE: per layer [load per expert..., entropy sum, tokens]; with SP every TP rank routes its
+        # own tokens, without it TP ranks route the same ones (count TP rank 0 only).
+        moe = torch.zeros(self.num_layers, self.num_experts + 2, dtype=torch.float64)
+        sp = any(getattr(getattr(layer, "config", None), "sequence_parallel", False) for layer in self.layers)
+        if sp or ps.get_tensor_model_parallel_rank() == 0:
+            for number, (load, entropy, tokens) in self._moe.items():
+                moe[number - 1, : load.numel()] = load
+                moe[number - 1, -2], moe[number - 1, -1] = entropy, tokens
+        n_act = acts.numel()
+        flat = torch.cat([acts.flatten(), grads.flatten(), moe.flatten()]).to(device)
+        flat = _world_sum(flat).cpu()
+        acts = flat[:n_act].view_as(acts)
+        grads = flat[n_act : n_act + grads.numel()].view_as(grads).sqrt()
+        moe = flat[n_act + grads.numel():].view_as(moe)
         self.armed = False
-        return {
-            f"diag/{field}/layer_{n + 1:03d}": float(table[n, i])
-            for n in range(self.num_layers)
-            for i, field in enumerate(self.FIELDS)
+
+        self.record: dict[int, dict[str, object]] = {}
+        out: dict[str, float] = {}
+        for n in range(self.num_layers):
+            row: dict[str, object] = {}
+            for i, (_tag, key) in enumerate(ACT_FIELDS):
+                row[key] = float(acts[n, i])
+            for i, (_tag, key) in enumerate(GRAD_FIELDS):
+                row[key] = float(grads[n, i])
+            if self.num_experts and moe[n, -1] > 0:
+                load = moe[n, : self.num_experts]
+                mean = float(load.mean())
+                row["moe_tokens_per_expert"] = [float(v) for v in load]
+                row["moe_load_cv"] = float(load.std(unbiased=False)) / mean if mean > 0 else math.nan
+                row["moe_router_entropy"] = float(moe[n, -2] / moe[n, -1])
+            self.record[n + 1] = row
+            for tag, key in ACT_FIELDS + GRAD_FIELDS:
+                out[f"diag/{tag}/layer_{n + 1:03d}"] = row[key]
+            for tag, key in (("moe_load_cv", "moe_load_cv"), ("router_entropy", "moe_router_entropy")):
+                if key in row:
+                    out[f"diag/{tag}/layer_{n + 1:03d}"] = row[key]
+        return out
+
+    def snapshot_weights(self) -> None:
+        """Before the optimizer step: keep the attention/MLP weight matrices (armed steps only)."""
+        self._before = {
+            id(p): p.detach().float().clone()
+            for layer in self.layers for name, p in layer.named_parameters()
+            if _column(name) is not None and p.dim() >= 2
         }
+
+    def update_ratios(self, device: torch.device) -> dict[str, float]:
+        """After the optimizer step: ||W_after - W_before|| / ||W_before|| per layer, attn and MLP."""
+        if not self._before:
+            return {}
+        before = self._before
+
+        def delta_sq(name, p):
+            return float((p.detach().float() - before[id(p)]).pow(2).sum()) if id(p) in before else None
+
+        def weight_sq(name, p):
+            return float(before[id(p)].pow(2).sum()) if id(p) in before else None
+
+        flat = torch.cat([self._param_sums(delta_sq).flatten(), self._param_sums(weight_sq).flatten()])
+        flat = _world_sum(flat.to(device)).cpu()
+        delta, weight = flat.view(2, self.num_layers, 2).sqrt()
+        self._before = {}
+        out = {}
+        for n in range(self.num_layers):
+            for i, (tag, key) in enumerate(UPDATE_FIELDS):
+                value = float(delta[n, i] / weight[n, i]) if weight[n, i] > 0 else math.nan
+                getattr(self, "record", {}).setdefault(n + 1, {})[key] = value
+                out[f"diag/{tag}/layer_{n + 1:03d}"] = value
+        return out
 
 
 class DiagnosticsHook(Hook):
     """Runs :class:`LayerDiagnostics` every ``interval`` steps: armed before the step's forward,
-    collected after its backward and before the optimizer clips the gradients in place."""
+    collected after its backward and before the optimizer clips the gradients in place; update
+    ratios after the optimizer step; then one line in ``<run_dir>/diagnostics.jsonl``."""
 
     def __init__(self, interval: int | None) -> None:
         self.interval = interval
         self.diagnostics: LayerDiagnostics | None = None
+        self._pending: int | None = None
 
     def on_fit_start(self, trainer) -> None:
         self.diagnostics = LayerDiagnostics(trainer.objs.chunks, trainer.cfg.model.num_layers, self.interval)
@@ -120,7 +285,30 @@ class DiagnosticsHook(Hook):
     def before_optimizer_step(self, trainer, step: int) -> None:
         if self.diagnostics is not None and self.diagnostics.armed:
             trainer.log.scalars(self.diagnostics.collect(trainer.device), step)
+            self.diagnostics.snapshot_weights()
+            self._pending = step
 
     def on_step_end(self, trainer, result) -> None:
-        if self.diagnostics is not None:
-            self.diagnostics.arm(result.step + 1)
+        if self.diagnostics is None:
+            return
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            trainer.log.scalars(self.diagnostics.update_ratios(trainer.device), step)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                write_record(Path(trainer.cfg.training.run_dir), step, self.diagnostics.record)
+        self.diagnostics.arm(result.step + 1)
+
+
+def write_record(run_dir: Path, step: int, layers: dict[int, dict[str, object]]) -> None:
+    """Append one line to ``<run_dir>/diagnostics.jsonl`` (NaN written as null: strict JSON)."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    record = {"step": step, "layers": {str(n): {k: clean(v) for k, v in row.items()} for n, row in layers.items()}}
+    with open(run_dir / JSONL, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megaspan.data import DataError
 from megaspan.cli.preprocess import register
+from megaspan.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

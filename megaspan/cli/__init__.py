@@ -57,7 +57,10 @@ def _add_verbose(parser: argparse.ArgumentParser, *, top: bool) -> None:
     ``megaspan --verbose train`` and ``megaspan train --verbose`` work. Sub-parsers use
     ``SUPPRESS`` so their unset flag does not overwrite the top parser's value."""
     parser.add_argument(
-        "-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
         help=f"show third-party warnings that are filtered by default (also: {VERBOSE_ENV}=1)",
     )
     for action in parser._actions:

@@ -22,8 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(per pipeline stage; TP and EP ranks of a stage are equal) and a memory estimate. "
         "Settings come from the defaults, then --config, then dotted overrides.",
     )
-    p.add_argument("--config", metavar="RECIPE", default="default",
-                   help="YAML recipe: a path or a shipped name (default, tiny); default: default")
+    p.add_argument(
+        "--config",
+        metavar="RECIPE",
+        default="default",
+        help="YAML recipe: a path or a shipped name (default, tiny); default: default",
+    )
     p.add_argument("--world-size", type=int, required=True, metavar="N", help="number of GPUs")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

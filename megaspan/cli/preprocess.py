@@ -19,13 +19,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Tokenize documents (one per .txt file, one per .jsonl line), append the "
         "end-of-document id to each, and write OUTPUT_PREFIX.bin/.idx for data.paths.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help=".txt / .jsonl files or directories of them, in this order")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help=".txt / .jsonl files or directories of them, in this order",
+    )
     p.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece .model file")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer processes (output does not depend on it); default: all cores")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenizer processes (output does not depend on it); default: all cores",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
@@ -35,9 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from megaspan.data.tokenizer import load_tokenizer
 
     stats = preprocess_files(
-        args.input, load_tokenizer(args.tokenizer), args.output_prefix,
-        text_key=args.text_key, workers=args.workers, progress=not args.quiet,
+        args.input,
+        load_tokenizer(args.tokenizer),
+        args.output_prefix,
+        text_key=args.text_key,
+        workers=args.workers,
+        progress=not args.quiet,
     )
-    print(f"{stats.prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens "
-          f"(incl. one EOD each), {stats.seconds:.1f}s")
+    print(
+        f"{stats.prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens "
+        f"(incl. one EOD each), {stats.seconds:.1f}s"
+    )
     return 0

@@ -40,39 +40,46 @@ class Noise:
 NOISE: tuple[Noise, ...] = (
     Noise(
         "GPTModel IS DEPRECATED",
-        "logging", "megatron.core.models.gpt.gpt_model",
+        "logging",
+        "megatron.core.models.gpt.gpt_model",
         "logged once per built GPTModel (per virtual pipeline chunk); megaspan builds GPTModel "
         "on purpose (Megatron-Core 0.19's dense/MoE decoder) and the notice is about future "
         "Megatron features, not this run",
     ),
     Noise(
         "MCore's async save is deprecated",
-        "logging", "megatron.core.dist_checkpointing.strategies.torch",
-        "logged at the first checkpoint save: megaspan uses Megatron's torch_dist saver; the "
-        "notice advertises another library (NVRx)",
+        "logging",
+        "megatron.core.dist_checkpointing.strategies.torch",
+        "logged by Megatron's asynchronous torch_dist save path at the first save; the notice "
+        "advertises another library (NVRx). megaspan's writer is synchronous today; the entry "
+        "stays so an async save does not bring the notice back",
     ),
     Noise(
         "MimoModelConfig is experimental",
-        "warnings", "megatron.core.models.mimo.config.base_configs",
+        "warnings",
+        "megatron.core.models.mimo.config.base_configs",
         "emitted at import of a Megatron module megaspan never uses (multimodal MIMO models), "
         "pulled in by megatron.core's own imports",
     ),
     Noise(
         "full scope is deprecated",
-        "warnings", "megatron.core.transformer.transformer_config",
+        "warnings",
+        "megatron.core.transformer.transformer_config",
         "emitted by every TransformerConfig built with Megatron's own default CUDA-graph scope; "
         "megaspan does not capture CUDA graphs",
     ),
     Noise(
         "Transformer Engine and Apex are not installed",
-        "warnings", "megatron.core.optimizer",
+        "warnings",
+        "megatron.core.optimizer",
         "on a machine without TE/Apex, Megatron falls back to torch's AdamW/clip-grad; "
         "`megaspan info` reports which backend is installed, and asking for TE without it is "
         "a one-line error",
     ),
     Noise(
         "Apex is not installed",
-        "warnings", "megatron.core.models (layer specs)",
+        "warnings",
+        "megatron.core.models (layer specs)",
         "Megatron's norm fallback to torch; megaspan builds its norms itself",
     ),
 )

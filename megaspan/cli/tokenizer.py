@@ -27,16 +27,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a sentencepiece model on --input files, or on the embedded stdlib "
         "corpus (train split) when no --input is given. Identical inputs reuse the cached model.",
     )
-    train.add_argument("--input", nargs="+", metavar="FILE",
-                       help=".txt (one document per file) / .jsonl files or directories; "
-                       "default: the embedded stdlib corpus")
+    train.add_argument(
+        "--input",
+        nargs="+",
+        metavar="FILE",
+        help=".txt (one document per file) / .jsonl files or directories; "
+        "default: the embedded stdlib corpus",
+    )
     train.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
     train.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     train.add_argument("--model-type", choices=("bpe", "unigram"), default=defaults.model_type)
-    train.add_argument("--max-train-sentences", type=int, default=defaults.max_train_sentences,
-                       help="sample at most this many 8-line chunks (unigram is ~10x slower)")
-    train.add_argument("--output", metavar="PATH",
-                       help="also copy the model here; default: print its cache path only")
+    train.add_argument(
+        "--max-train-sentences",
+        type=int,
+        default=defaults.max_train_sentences,
+        help="sample at most this many 8-line chunks (unigram is ~10x slower)",
+    )
+    train.add_argument(
+        "--output", metavar="PATH", help="also copy the model here; default: print its cache path only"
+    )
     train.add_argument("--cache-dir", help="default: $MEGASPAN_CACHE_DIR or ~/.cache/megaspan")
 
     encode = actions.add_parser("encode", help="text (argument or stdin) -> token ids")

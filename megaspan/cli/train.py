@@ -20,10 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a model. Settings come from the defaults, then --config, then "
         "dotted overrides such as model.num_layers=24 optimizer.lr=3e-4.",
     )
-    p.add_argument("--config", metavar="RECIPE", default="default",
-                   help="YAML recipe: a path or a shipped name (default, tiny); default: default")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate and print the resolved config, then exit without training")
+    p.add_argument(
+        "--config",
+        metavar="RECIPE",
+        default="default",
+        help="YAML recipe: a path or a shipped name (default, tiny); default: default",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the resolved config, then exit without training",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
 

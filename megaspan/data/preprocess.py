@@ -82,9 +82,7 @@ def preprocess_documents(
     if total is None and isinstance(documents, Sized):
         total = len(documents)
     meter = _Progress(prefix.name, enabled=progress, total=total)
-    builder = IndexedDatasetBuilder(
-        f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)
-    )
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
     try:
         for ids in _encode_all(documents, tokenizer, workers):
             builder.add_document(ids, [len(ids)])
@@ -116,8 +114,11 @@ def preprocess_files(
     Input paths are checked before anything is written (or megatron is imported).
     """
     return preprocess_documents(
-        iter_documents(expand_inputs(inputs), text_key), tokenizer, output_prefix,
-        workers=workers, progress=progress,
+        iter_documents(expand_inputs(inputs), text_key),
+        tokenizer,
+        output_prefix,
+        workers=workers,
+        progress=progress,
     )
 
 
@@ -146,9 +147,12 @@ def preprocess_stdlib(
         prefix = root / split
         if not is_complete(prefix):
             preprocess_documents(
-                stdlib_corpus(split), tokenizer, prefix,
+                stdlib_corpus(split),
+                tokenizer,
+                prefix,
                 workers=workers if workers is not None else min(4, os.cpu_count() or 1),
-                progress=progress, expected_documents=len(stdlib_files(split)),
+                progress=progress,
+                expected_documents=len(stdlib_files(split)),
             )
         prefixes[split] = str(prefix)
     return prefixes
@@ -224,7 +228,9 @@ class _Progress:
     carriage returns.
     """
 
-    def __init__(self, name: str, *, enabled: bool, total: int | None = None, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, name: str, *, enabled: bool, total: int | None = None, stream: TextIO | None = None
+    ) -> None:
         self.name = name
         self.enabled = enabled
         self.total = total

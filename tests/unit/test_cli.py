@@ -67,7 +67,9 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--dry-run", f"training.run_dir={run}", "model.num_layers=3"]) == 0
+    assert (
+        main(["train", "--config", "tiny", "--dry-run", f"training.run_dir={run}", "model.num_layers=3"]) == 0
+    )
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["num_layers"] == 3 and resolved["training"]["run_dir"] == str(run)
     assert not run.exists()
@@ -112,11 +114,15 @@ CONFIG_ONLY = {
     "TE backend without TE": (["model.transformer_impl=transformer_engine"], "model.transformer_impl"),
     "fp8 without TE": (["precision.fp8=e4m3"], "precision.fp8"),
     "TP not dividing heads": (["parallel.tensor_model_parallel_size=3"], "num_attention_heads=4"),
-    "bad PP split": (["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=3"],
-                     "pipeline"),
+    "bad PP split": (
+        ["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=3"],
+        "pipeline",
+    ),
     "PP not dividing layers": (["parallel.pipeline_model_parallel_size=3"], "pipeline"),
-    "global batch not divisible": (["training.global_batch_size=6", "training.micro_batch_size=4"],
-                                   "global_batch_size=6"),
+    "global batch not divisible": (
+        ["training.global_batch_size=6", "training.micro_batch_size=4"],
+        "global_batch_size=6",
+    ),
     "zero micro-batch": (["training.micro_batch_size=0"], "training.micro_batch_size"),
     "unknown placement option": (["model.norm.not_a_key=1"], "model.norm.not_a_key"),
     "unknown key": (["model.num_layer=3"], "model.num_layer"),
@@ -146,8 +152,10 @@ def test_config_only_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert list(cache.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["TP not dividing heads", "bad PP split", "global batch not divisible",
-                                  "unknown placement option"])
+@pytest.mark.parametrize(
+    "case",
+    ["TP not dividing heads", "bad PP split", "global batch not divisible", "unknown placement option"],
+)
 def test_plan_refuses_the_same_inputs_in_one_line(
     case: str, clean_env: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -189,13 +197,25 @@ def test_data_bad_input_is_one_line_exit_2_and_leaves_the_run_dir(
     empty.with_suffix(".idx").write_bytes(b"")
     overrides = [o.format(empty=empty) for o in DATA[case][0]]
     before = snapshot(run)
-    assert main(["train", "--config", "tiny", f"training.run_dir={run}", f"tokenizer.model={tiny_tokenizer}",
-                 *overrides]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                f"training.run_dir={run}",
+                f"tokenizer.model={tiny_tokenizer}",
+                *overrides,
+            ]
+        )
+        == 2
+    )
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("megaspan: error: ") and DATA[case][1] in lines[0], lines
     assert snapshot(run) == before
 
 
+@pytest.mark.integration
 def test_console_script_prints_one_line_on_a_cold_cache(clean_env: tuple[Path, Path]) -> None:
     """The installed ``megaspan`` script in a fresh process: nothing but the one line (no
     preprocessing output, no third-party warnings), exit 2, no file written."""
@@ -204,8 +224,13 @@ def test_console_script_prints_one_line_on_a_cold_cache(clean_env: tuple[Path, P
     overrides, expected = CONFIG_ONLY[case]
     script = Path(sys.executable).with_name("megaspan")
     before = snapshot(cache.parent)
-    result = subprocess.run([str(script), "train", "--config", "tiny", f"training.run_dir={run}", *overrides],
-                            capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    result = subprocess.run(
+        [str(script), "train", "--config", "tiny", f"training.run_dir={run}", *overrides],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -254,3 +279,26 @@ def test_quiet_hides_the_listed_third_party_messages_only() -> None:
 def test_every_noise_entry_is_documented() -> None:
     for noise in quiet.NOISE:
         assert noise.starts_with and noise.source and len(noise.why) > 20
+
+
+@pytest.mark.integration
+def test_quiet_matches_the_installed_megatron_messages() -> None:
+    """The listed texts are what this Megatron-Core version really prints (a fresh process imports
+    the modules that warn): hidden by default, all shown with verbose=True."""
+    code = (
+        "from megaspan.cli import quiet; quiet.install(verbose={verbose})\n"
+        "import megatron.core.optimizer, megatron.core.models.mimo, megatron.core.models.backends\n"
+        "from megatron.core.transformer import TransformerConfig\n"
+        "TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)\n"
+    )
+    quiet_run, verbose_run = (
+        subprocess.run(
+            [sys.executable, "-c", code.format(verbose=v)], capture_output=True, text=True, timeout=300
+        )
+        for v in (False, True)
+    )
+    assert quiet_run.returncode == 0 and verbose_run.returncode == 0, verbose_run.stderr
+    assert quiet_run.stderr == ""
+    for noise in quiet.NOISE:
+        if noise.via == "warnings":
+            assert noise.starts_with in verbose_run.stderr, noise.starts_with

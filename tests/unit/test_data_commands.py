@@ -17,8 +17,18 @@ def corpus_and_model(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 40, encoding="utf-8")
     model = tmp_path / "tok.model"
-    argv = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
-            "--output", str(model), "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "tokenizer",
+        "train",
+        "--input",
+        str(corpus),
+        "--vocab-size",
+        "300",
+        "--output",
+        str(model),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(argv) == 0 and "trained" in capsys.readouterr().out
     assert main(argv) == 0 and "cached" in capsys.readouterr().out
     return corpus, model
@@ -35,8 +45,23 @@ def test_train_encode_decode_preprocess(tmp_path, capsys, monkeypatch, corpus_an
     assert capsys.readouterr().out == text  # exact, no added newline
 
     prefix = tmp_path / "out" / "corpus"
-    assert main(["preprocess", "--input", str(corpus), "--tokenizer", str(model),
-                 "--output-prefix", str(prefix), "--workers", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(corpus),
+                "--tokenizer",
+                str(model),
+                "--output-prefix",
+                str(prefix),
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "1 documents" in captured.out and captured.err == ""
     assert prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()
@@ -49,8 +74,22 @@ def test_preprocess_progress_in_a_log_is_one_line_per_update(tmp_path, capsys, m
         (tmp_path / "docs" / f"{i}.txt").parent.mkdir(exist_ok=True)
         (tmp_path / "docs" / f"{i}.txt").write_text(f"x = {i}\n", encoding="utf-8")
     monkeypatch.setattr("megaspan.data.preprocess._LOG_EVERY_S", 0.0)  # an update per document
-    assert main(["preprocess", "--input", str(tmp_path / "docs"), "--tokenizer", str(model),
-                 "--output-prefix", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(tmp_path / "docs"),
+                "--tokenizer",
+                str(model),
+                "--output-prefix",
+                str(tmp_path / "out"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "\r" not in err and err.endswith("\n")
     lines = err.splitlines()
@@ -80,14 +119,17 @@ def test_preprocess_progress_on_a_terminal_is_a_bar_redrawn_in_place(monkeypatch
     assert " 50% [##########..........]" in frames[1] and "100% [####################]" in frames[2]
 
 
-def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, corpus_and_model):
+    _, model = corpus_and_model
+    out = tmp_path / "out"
+    missing_input = ["--input", str(tmp_path / "none.txt"), "--output-prefix", str(out / "x")]
     assert main(["tokenizer", "encode", "--model", str(tmp_path / "none.model"), "x"]) == 2
-    assert main(["preprocess", "--input", str(tmp_path / "none.txt"), "--tokenizer", "/x.model",
-                 "--output-prefix", str(tmp_path / "x")]) == 2
+    assert main(["preprocess", "--tokenizer", str(tmp_path / "none.model"), *missing_input]) == 2
+    assert main(["preprocess", "--tokenizer", str(model), *missing_input]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all(line.startswith("megaspan: error: ") for line in err)
-    assert "none.model" in err[0] and "none.txt" in err[1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert len(err) == 3 and all(line.startswith("megaspan: error: ") for line in err), err
+    assert "none.model" in err[0] and "none.model" in err[1] and "none.txt" in err[2]
+    assert not out.exists()
 
 
 def test_decode_rejects_bad_ids(corpus_and_model):

@@ -153,6 +153,23 @@ class ScheduleConfig:
 
 
 @dataclass(kw_only=True)
+class GuardConfig:
+    """Divergence guard: non-finite loss or gradient norm, and loss spikes (loss above
+    ``spike_factor`` x the median of the last ``window`` losses, after ``warmup_steps``)."""
+
+    policy: Optional[Literal["stop", "skip", "rollback"]] = None
+    """None = off (the checkpoint safety floor still holds); stop = end the run, status diverged,
+    exit code 3; skip = drop that update and train on; rollback = reload the last good checkpoint,
+    skip the data window that caused the event, scale the LR by ``rollback_lr_factor``."""
+    spike_factor: float = 3.0
+    window: int = 50
+    warmup_steps: int = 20
+    max_retries: int = 3
+    """Rollbacks (or skips in a row) before the run stops as diverged."""
+    rollback_lr_factor: float = 1.0
+
+
+@dataclass(kw_only=True)
 class TrainingConfig:
     steps: int = 300
     micro_batch_size: int = 8
@@ -164,6 +181,7 @@ class TrainingConfig:
     exit_on_signal: bool = True
     """Save a checkpoint and exit 0 on SIGTERM/SIGUSR1 (what Slurm sends before preemption)."""
     deterministic: bool = True
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass(kw_only=True)

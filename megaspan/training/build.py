@@ -29,8 +29,10 @@ from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import CheckpointError, ConfigError, RunDirError, UserError
 from megaspan.training.callbacks.checkpointing import CheckpointHook
 from megaspan.training.callbacks.evaluation import EvalHook
+from megaspan.training.callbacks.guard import GuardHook
 from megaspan.training.callbacks.metrics_log import LogHook
 from megaspan.training.callbacks.preemption import PreemptionHook
+from megaspan.training.callbacks.summary import SummaryHook
 from megaspan.training.checkpoint import find_latest_valid, is_valid, remove_stale_tmp
 from megaspan.training.hooks import Hook
 from megaspan.training.metrics import MetricsLogger, flops_per_token
@@ -103,7 +105,11 @@ def _init_megatron(cfg: MegaspanConfig) -> RankPosition:
 def _sample_counts(cfg: MegaspanConfig) -> tuple[int, int, int]:
     """Samples each split must provide: all training steps, one validation pass, no test."""
     tr = cfg.training
-    return (tr.steps * tr.global_batch_size, tr.eval_steps * tr.global_batch_size, 0)
+    steps = tr.steps
+    if tr.guard.policy == "rollback":
+        # Each rollback skips the data window since the last checkpoint: at most save_interval steps.
+        steps += tr.guard.max_retries * (cfg.checkpoint.save_interval or tr.steps)
+    return (steps * tr.global_batch_size, tr.eval_steps * tr.global_batch_size, 0)
 
 
 @dataclass(frozen=True)
@@ -181,11 +187,18 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
     p = trainer.position
     extra = {
         "tokenizer_hash": data.tokenizer_hash,
-        "world": f"{dist.get_world_size()} (tp {cfg.parallel.tensor_model_parallel_size}, "
-        f"pp {cfg.parallel.pipeline_model_parallel_size}, dp {p.dp_size}, "
-        f"{p.num_microbatches} micro-batches/step)",
-        "versions": f"megaspan {megaspan.__version__}, torch {torch.__version__}, "
-        f"megatron-core {megatron.core.__version__}",
+        "world": {
+            "world_size": dist.get_world_size(),
+            "tp": cfg.parallel.tensor_model_parallel_size,
+            "pp": cfg.parallel.pipeline_model_parallel_size,
+            "dp": p.dp_size,
+            "num_microbatches": p.num_microbatches,
+        },
+        "versions": {
+            "megaspan": megaspan.__version__,
+            "torch": torch.__version__,
+            "megatron-core": megatron.core.__version__,
+        },
     }
     return config, extra
 
@@ -220,10 +233,13 @@ def _restore(trainer: Trainer, resume: Path | None) -> None:
 
 
 def default_hooks(cfg: MegaspanConfig, preempt: PreemptionFlag | None) -> list[Hook]:
-    """The built-in hooks the config asks for, in the order they run."""
+    """The built-in hooks the config asks for, in the order they run: the guard first (it decides
+    before anything logs or saves the step), the summary last (it sees every stop)."""
     from megaspan.training.diagnostics import DiagnosticsHook
 
     hooks: list[Hook] = []
+    if cfg.training.guard.policy:
+        hooks.append(GuardHook(cfg.training.guard, checkpoint_dir(cfg)))
     if cfg.logging.diagnostics_interval:
         hooks.append(DiagnosticsHook(cfg.logging.diagnostics_interval))
     hooks += [
@@ -233,6 +249,7 @@ def default_hooks(cfg: MegaspanConfig, preempt: PreemptionFlag | None) -> list[H
     ]
     if preempt is not None:
         hooks.append(PreemptionHook(preempt, run_dir(cfg)))
+    hooks.append(SummaryHook(run_dir(cfg), cfg.training.guard))
     return hooks
 
 
@@ -262,6 +279,7 @@ def build_trainer(
         data = Data(vocab_size, tuple(datasets))
     resume = resolve_resume(cfg)
     resolve_impl(cfg.model.transformer_impl)  # BackendError now, not after the run dir exists
+    all_hooks = default_hooks(cfg, preempt) + list(hooks)  # their config errors too
     lock = _open_run_dir(cfg)
     log = None
     try:
@@ -269,7 +287,7 @@ def build_trainer(
         total_params = _total_params(objs)
         log = _on_rank0(lambda: _logger(cfg, objs, total_params), everywhere=True)
         trainer = Trainer(
-            cfg, objs, data.datasets, position, log, default_hooks(cfg, preempt) + list(hooks),
+            cfg, objs, data.datasets, position, log, all_hooks,
             preempt=preempt, tokenizer_hash=data.tokenizer_hash, run_dir_lock=lock,
         )
         _log_header(trainer, data, total_params)
@@ -278,6 +296,7 @@ def build_trainer(
         log.start_tensorboard(purge_after=trainer.progress.step if resume is not None else None)
         config, extra = resolved_config(cfg, trainer, data)
         _on_rank0(lambda: write_resolved_config(run_dir(cfg), config, extra))
+        trainer.resolved = {"config": config, **extra}
         if dist.get_rank() == 0:
             remove_stale_tmp(checkpoint_dir(cfg), log.info)
         return trainer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,6 @@ def write_resolved_config(run_dir: Path, config: dict[str, Any], resolved: dict[
     round-trips through ``load_config``), headed by what the run was made of (tokenizer hash,
     layout, versions) as comments."""
     header = ["# megaspan run: resolved at start-up (rewritten at each start, after its checks pass)"]
-    header += [f"# {key}: {value}" for key, value in resolved.items()]
+    header += [f"# {key}: {json.dumps(value)}" for key, value in resolved.items()]
     text = "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False)
     guarded(run_dir / CONFIG_FILE, lambda: write_atomic(run_dir / CONFIG_FILE, text))

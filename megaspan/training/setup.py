@@ -7,6 +7,7 @@ settings megaspan exposes in its config.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,9 @@ def _optimizer(cfg: MegaspanConfig, model: list):
         initial_loss_scale=prec.initial_loss_scale,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        # With a divergence guard, Megatron skips an update whose gradient norm is infinite
+        # (fp16's loss scaler already skips non-finite gradients on its own).
+        grad_norm_skip_threshold=sys.float_info.max if cfg.training.guard.policy else float("inf"),
     )
     # Biases and norm weights get no weight decay (Megatron's default parameter groups).
     return get_megatron_optimizer(config, model)

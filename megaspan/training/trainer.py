@@ -91,7 +91,7 @@ class Trainer:
 
     Public state hooks may read: ``cfg``, ``objs`` (model, optimizer, scheduler), ``progress``,
     ``log``, ``position``, ``val_losses`` (``[(step, loss)]``, appended by the evaluation hook),
-    ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
+    ``events`` (guard events), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
     loss, during ``before_optimizer_step``).
     """
 
@@ -125,6 +125,8 @@ class Trainer:
         self.progress = progress
         self.stop: StopRequest | None = None
         self.val_losses: list[tuple[int, float]] = []
+        self.events: list[dict] = []  # guard events: {"step", "kind", "reason", "action"}
+        self.resolved: dict = {}  # the resolved config, tokenizer hash, world, versions (build_trainer)
         self.pending: StepResult | None = None
         self._skip_reason: str | None = None
         self._train_iters = self.iterators(self.train_ds, progress.consumed_samples)
@@ -145,6 +147,8 @@ class Trainer:
         """Continue training from global sample ``consumed_samples`` (a resume, or a rollback
         that skips a data window)."""
         self.progress = Progress(self.progress.step, consumed_samples)
+        for old in getattr(self, "_train_iters", ()):
+            getattr(old, "close", lambda: None)()  # stop its read-ahead
         self._train_iters = self.iterators(self.train_ds, consumed_samples)
 
     def _run_schedule(self, iterators, forward_only: bool) -> list[dict]:
@@ -230,8 +234,9 @@ class Trainer:
         self.log.info(f"saved checkpoint {path}")
         return path
 
-    def load(self, path: Path, *, load_optimizer: bool = True) -> Progress:
-        """Restore ``path`` (collective) and continue from its step and data position."""
+    def load(self, path: Path, *, load_optimizer: bool = True, consumed_samples: int | None = None) -> Progress:
+        """Restore ``path`` (collective) and continue from its step and data position (or from
+        ``consumed_samples``: a rollback that skips data)."""
         objs = self.objs
         with cuda_free():
             progress = load_checkpoint(
@@ -239,7 +244,7 @@ class Trainer:
                 expected_tokenizer_hash=self.tokenizer_hash,
             )
         self.progress = Progress(progress.step, progress.consumed_samples)
-        self.seek(progress.consumed_samples)
+        self.seek(progress.consumed_samples if consumed_samples is None else consumed_samples)
         return progress
 
     def close(self) -> None:

@@ -81,6 +81,7 @@ def layout_config(
     resume: str = "none",
     load_optimizer: bool = False,
     save_at_end: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> MegaspanConfig:
     overrides = [
         f"model.norm_placement={placement}",
@@ -115,7 +116,7 @@ def layout_config(
     if moe:
         # The auxiliary load-balancing loss stays on (its default): it must reshard too.
         overrides += ["model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.ffn_hidden_size=32"]
-    return load_config(None, overrides + list(LAYOUTS[layout]))
+    return load_config(None, overrides + list(LAYOUTS[layout]) + list(extra))
 
 
 def synthetic_dataset(num_samples: int, seed: int) -> list[dict[str, torch.Tensor]]:

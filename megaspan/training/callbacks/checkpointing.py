@@ -18,7 +18,9 @@ class CheckpointHook(Hook):
         self.last_saved = trainer.progress.step
 
     def on_step_end(self, trainer, result: StepResult) -> None:
-        if self.interval and result.step % self.interval == 0 and trainer.stop is None:
+        # Not after a stop request (a diverged model is not saved) or a rollback (progress went back).
+        rolled_back = trainer.progress.step != result.step
+        if self.interval and result.step % self.interval == 0 and trainer.stop is None and not rolled_back:
             self.save(trainer)
 
     def save(self, trainer) -> None:

@@ -38,10 +38,27 @@ def format_info() -> str:
         f"megatron-core        {_dist_version('megatron-core')}",
         f"transformer-engine   {_module_version('transformer_engine')}",
         f"device               {device}",
-        "norm placements:",
+        "norm placements (model.norm_placement; options: model.norm.<option>, all have final_norm):",
     ]
-    lines += [f"  {name:<12} {getattr(cls, 'description', '')}" for name, cls in available().items()]
+    placements = available()
+    width = max(map(len, placements), default=0)
+    for name, cls in placements.items():
+        lines.append(f"  {name:<{width}} {getattr(cls, 'description', '')}")
+        options = placement_options(cls)
+        if options:
+            lines.append(f"  {'':<{width}} options: {options}")
     return "\n".join(lines)
+
+
+def placement_options(cls) -> str:
+    """``name=default`` of a placement's own options (``final_norm``, common to all, left out)."""
+    import dataclasses
+
+    from megaspan.norms import PlacementOptions
+
+    common = {f.name for f in dataclasses.fields(PlacementOptions)}
+    own = [f for f in dataclasses.fields(cls.Options) if f.name not in common]
+    return ", ".join(f"{f.name}={f.default!r}" for f in own)
 
 
 def _module_version(module: str) -> str:

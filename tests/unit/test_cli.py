@@ -50,6 +50,7 @@ def test_info_reports_versions_and_placements(capsys: pytest.CaptureFixture[str]
 
     for name, cls in available().items():
         assert f"  {name}" in out and cls.description in out
+    assert "span_include_y_term=False" in out and "mixln_alpha=0.25" in out and "deepnorm_alpha=None" in out
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:

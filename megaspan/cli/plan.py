@@ -30,11 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--world-size", type=int, required=True, metavar="N", help="number of GPUs")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--gpu", metavar="TYPE", help="GPU type whose memory the stages must fit (default H100)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GiB (overrides --gpu)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from megaspan.config.loader import load_config
@@ -42,6 +45,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
-    result = plan(load_config(args.config, args.overrides), args.world_size)
-    print(json.dumps(result.to_dict(), indent=1) if args.json else format_plan(result))
+    from megaspan.plan import fit as fitting
+
+    cfg = load_config(args.config, args.overrides)
+    budget, device = fitting.device_memory(args.gpu, args.gpu_memory)
+    result = plan(cfg, args.world_size)
+    fit = fitting.check(result, budget * fitting.HEADROOM, device)
+    if not fit.fits:
+        fitting.suggest(cfg, args.world_size, fit, plan)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "fit": dataclasses.asdict(fit)}, indent=1))
+    else:
+        print(format_plan(result) + "\n" + fitting.format_fit(fit))
     return 0

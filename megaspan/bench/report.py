@@ -88,6 +88,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _mem(r: dict[str, Any], spec: str) -> str:
+    """Measured peak memory, with plan's estimate for the same config when it was computed."""
+    est = (r.get("extra") or {}).get("plan_estimate_gib")
+    return _fmt(r["max_memory_gib"], spec) + (f" (plan {est:{spec}})" if est is not None else "")
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The results as a Markdown table, with the machine line above it."""
     meta = doc["meta"]
@@ -107,7 +113,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {r['iqr_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {_fmt(r['ratio_to_pre'], '.3f')} "
             f"| {_fmt(r['ratio_to_stock'], '.3f')} | {_fmt(r['tflops'], '.2f')} "
             f"| {_fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '.1f')}"
-            f"{'%' if r['mfu'] is not None else ''} | {_fmt(r['max_memory_gib'], '.2f')} |"
+            f"{'%' if r['mfu'] is not None else ''} | {_mem(r, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -183,7 +189,7 @@ def summary(docs: list[tuple[str, dict[str, Any]]]) -> str:
                 f"| {preset} | {r['model']} | {r['precision']} | {r['backend']} | {r['step_time_s'] * 1e3:.1f} "
                 f"| {r['tokens_per_s']:.0f} | {_fmt(r['tflops'], '.1f')} | {_fmt(mfu, '.1f')} "
                 f"| {_fmt(r['ratio_to_pre'], '.3f')} | {_fmt(r['ratio_to_stock'], '.3f')} "
-                f"| {_fmt(speedup, '.2f')} | {_fmt(r['max_memory_gib'], '.1f')} |"
+                f"| {_fmt(speedup, '.2f')} | {_mem(r, '.1f')} |"
             )
             if speedup is not None:
                 ok = speedup >= GPU_TARGETS["fp8_speedup"]

@@ -94,6 +94,37 @@ def _load() -> list[float] | None:
         return None
 
 
+_OVERRIDES: dict[int, list[str]] = {}
+"""The override list each bench config was loaded from (for ``plan`` in a subprocess)."""
+
+
+def plan_estimate_gib(cfg, world: int) -> float | None:
+    """``megaspan plan``'s per-GPU memory estimate (stage 0) for ``cfg``, in GiB, or None.
+
+    Runs in a subprocess: the planner builds fake process groups, which must not meet this
+    process's real ones.
+    """
+    import json
+    import subprocess
+    import sys
+
+    overrides = _OVERRIDES.get(id(cfg))
+    if overrides is None:
+        return None
+    code = (
+        "import json, sys; from megaspan.config.loader import load_config; from megaspan.plan import plan; "
+        "p = plan(load_config(None, sys.argv[2:]), int(sys.argv[1])); "
+        "print(json.dumps(p.stages[0].memory.total / 2**30))"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(world), *overrides], capture_output=True, text=True, timeout=600
+        )
+        return float(json.loads(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else None
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def build_config(preset_name: str, precision: str, overrides: list[str], world_size: int = 1):
     """The bench config for one precision: common settings, preset, precision, user overrides."""
     from megaspan.config.loader import load_config
@@ -104,7 +135,9 @@ def build_config(preset_name: str, precision: str, overrides: list[str], world_s
         o.startswith("parallel.expert_model_parallel_size=") for o in overrides
     ):
         extra.append(f"parallel.expert_model_parallel_size={world_size}")
-    cfg = load_config(None, [*common_overrides(), *preset.overrides, *PRECISIONS[precision], *extra, *overrides])
+    full = [*common_overrides(), *preset.overrides, *PRECISIONS[precision], *extra, *overrides]
+    cfg = load_config(None, full)
+    _OVERRIDES[id(cfg)] = full
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size must be set for megaspan bench (it uses synthetic tokens)")
     return cfg
@@ -167,6 +200,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             )
     finally:
         runtime.destroy() if owns_group else None
+    if cuda:
+        # Measured peak next to the plan's estimate for the same config, so the estimate's error is known.
+        for row in rows:
+            name = row.placement
+            row.extra["plan_estimate_gib"] = plan_estimate_gib(cfgs[row.precision, name], world)
     load_after = _load()
     peaks = {p: (opts.peak_tflops or peak_tflops(device_name if cuda else None, p)) for p in precisions}
     report.finalize(rows, peaks, world)

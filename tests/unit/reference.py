@@ -44,6 +44,8 @@ def qkv_norm_attention(layer, x, kind: str, eps: float):
     hn = cfg.kv_channels
     s, b, _ = x.shape
     qkv = x @ sa.linear_qkv.weight.t()  # [s, b, groups * (heads/groups + 2) * hn]
+    if sa.linear_qkv.bias is not None:  # model.add_bias_linear=true
+        qkv = qkv + sa.linear_qkv.bias
     qkv = qkv.view(s, b, groups, (heads // groups + 2) * hn)
     q, k, v = torch.split(qkv, [heads // groups * hn, hn, hn], dim=-1)
     q = q.reshape(s, b, heads, hn)
@@ -59,7 +61,8 @@ def qkv_norm_attention(layer, x, kind: str, eps: float):
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     ctx = (probs @ v).permute(2, 0, 1, 3).reshape(s, b, heads * hn)
-    return ctx @ sa.linear_proj.weight.t()
+    out = ctx @ sa.linear_proj.weight.t()
+    return out if sa.linear_proj.bias is None else out + sa.linear_proj.bias
 
 
 def block(name: str, layer, x, l: int, L: int, kind: str, eps: float, opts):  # noqa: E741 - the papers write l

@@ -631,12 +631,18 @@ _SHAPE_MISMATCH = re.compile(r"Global shape mismatch for loaded \((.*?)\) and ex
 _MISSING_KEY = re.compile(r"[Mm]issing key[s]?[^:]*:?\s*(\S+)")
 
 
+def _shape(text: str) -> str:
+    """``torch.Size([64, 8])`` or ``(64, 8)`` -> ``[64, 8]``."""
+    return "[" + ", ".join(re.findall(r"\d+", text)) + "]"
+
+
 def _translate_load_error(exc: BaseException, path: Path) -> CheckpointError:
     text = str(exc)
     if m := _SHAPE_MISMATCH.search(text):
+        saved, expected = (_shape(m[1]), _shape(m[2]))
         return CheckpointError(
-            f"{path} is from another model: tensor {m[3]} has shape {m[1]} in the checkpoint but "
-            f"{m[2]} with this config; resume with the model settings it was saved with "
+            f"{path} is from another model: tensor {m[3]} has shape {saved} in the checkpoint but "
+            f"{expected} with this config; resume with the model settings it was saved with "
             "(its config is in the run dir's config.yaml), or start a new run dir"
         )
     problem = check_checkpoint(path, verify=True)

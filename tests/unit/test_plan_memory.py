@@ -1,0 +1,74 @@
+"""``megaspan plan``'s memory estimate equals a hand computation for the tiny recipe.
+
+8 GPUs as TP2 x PP2 x DP2, bf16 weights, fp32 gradient reduction, distributed optimizer. The
+tiny model: h=64, 4 heads (no GQA), SwiGLU FFN of 192 (8/3 h rounded up to a multiple of 64),
+vocab 512, 2 layers of SpanNorm (layer 1 also owns the input norm N0; no final norm), untied
+embeddings. Per TP rank (TP splits every matrix, not the norm gains):
+
+    embedding  512 * 64 / 2                  = 16384   (stage 0)
+    output     512 * 64 / 2                  = 16384   (stage 1)
+    QKV        3 * 64 * 64 / 2               =  6144   per layer
+    proj       64 * 64 / 2                   =  2048
+    FFN        (2 * 192 * 64 + 192 * 64) / 2 = 18432
+    norms      64 per norm: 3 in layer 1, 2 in layer 2
+
+Stage 0: 16384 + 6144 + 2048 + 18432 + 192 = 43200; stage 1: 6144 + 2048 + 18432 + 128 + 16384
+= 43136. Bytes: weights 2 per parameter (bf16), gradients 4 (fp32 reduction), Adam 12 (fp32
+master + two moments) divided over DP=2. Activations (Korthikanti et al. 2022, no sequence
+parallelism): s*b*h * (10 + 24 / TP) per layer = 64*4*64 * 22 = 360448 with one micro-batch in
+flight; the last stage adds fp32 logits 4 * s*b * vocab / TP = 262144.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration  # `megaspan plan` in a fresh process (it makes fake groups)
+
+OVERRIDES = [
+    "parallel.tensor_model_parallel_size=2",
+    "parallel.pipeline_model_parallel_size=2",
+    "parallel.use_distributed_optimizer=true",
+    "precision.dtype=bf16",
+    "precision.grad_reduce_in_fp32=true",
+    "model.share_embeddings_and_output_weights=false",
+]
+STAGE_PARAMS = [16384 + 6144 + 2048 + 18432 + 3 * 64, 6144 + 2048 + 18432 + 2 * 64 + 16384]
+SBH = 64 * 4 * 64
+LAYER_ACTIVATIONS = SBH * (10 + (5 + 19) / 2)
+LOGITS = 4 * 64 * 4 * 512 / 2
+
+
+def test_memory_estimate_matches_a_hand_computation():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "megaspan",
+        "plan",
+        "--world-size",
+        "8",
+        "--json",
+        "--config",
+        "tiny",
+        *OVERRIDES,
+    ]
+    # ~10 s on an idle 2-core machine (torch + Megatron import, two meta builds).
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert (result["layout"]["tp"], result["layout"]["pp"], result["layout"]["dp"]) == (2, 2, 2)
+    assert [s["shard"]["total"] for s in result["stages"]] == STAGE_PARAMS
+    for stage, params in zip(result["stages"], STAGE_PARAMS):
+        memory = stage["memory"]
+        assert memory["weights"] == 2 * params
+        assert memory["grads"] == 4 * params
+        assert memory["optimizer"] == 12 * params / 2
+        expected = LAYER_ACTIVATIONS + (LOGITS if stage["stage"] == 1 else 0)
+        assert memory["activations"] == pytest.approx(expected)
+        assert memory["total"] == pytest.approx(2 * params + 4 * params + 6 * params + expected)

@@ -18,8 +18,9 @@ HN = HIDDEN // HEADS
 # to "no rescaling after Megatron's init" and "Megatron's sigma/sqrt(2L) on output projections".
 RESCALES = {"b2t", "deepnorm"}
 """Placements whose default options rescale weights after Megatron's init (tested one by one below)."""
-NO_MEGATRON_SCALING = {"b2t", "deepnorm", "lns"}
-"""Placements that drop Megatron's output-projection scaling (own depth scaling, or none for LNS)."""
+NO_MEGATRON_SCALING = {"b2t", "deepnorm", "lns", "mixln"}
+"""Placements that drop Megatron's output-projection scaling (own depth scaling, or none for LNS;
+Mix-LN's post_pre code uses plain N(0, 0.02) everywhere)."""
 
 
 def snapshot(chunks):
@@ -81,10 +82,49 @@ def test_deepnorm_beta_hits_exactly_v_rows(mcore, moe):
             torch.testing.assert_close(a[is_v], b[is_v] * beta, msg=name)
             torch.testing.assert_close(a[~is_v], b[~is_v], msg=name)
             assert int(is_v.sum()) == GROUPS * HN
-        elif re.search(r"(linear_proj|linear_fc1|linear_fc2)\.weight$", name):
+        elif re.search(r"linear_fc1\.weight$", name):
+            # SwiGLU: [activated; linear] rows. torchscale's GLU scales fc1 (activated), not the gate.
+            half = b.shape[0] // 2
+            torch.testing.assert_close(a[:half], b[:half] * beta, msg=name)
+            torch.testing.assert_close(a[half:], b[half:], msg=name)
+        elif re.search(r"(linear_proj|linear_fc2)\.weight$", name):
             torch.testing.assert_close(a, b * beta, msg=name)
         else:
             torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("extra", [("model.norm.deepnorm_glu_scale=both",), ("model.activation=gelu",)],
+                         ids=["glu-both", "gelu"])
+def test_deepnorm_fc1_fully_scaled_when_asked_or_not_gated(mcore, extra):
+    before, after = build_pair("deepnorm", extra=extra)
+    beta = (8 * L) ** -0.25
+    fc1 = [n for n in before if n.endswith("linear_fc1.weight")]
+    assert len(fc1) == L
+    for name in fc1:
+        torch.testing.assert_close(after[name], before[name] * beta, msg=name)
+
+
+def test_mixln_megatron_init_option(mcore):
+    built = build_model(make_cfg("mixln", extra=("model.hidden_size=256", "model.norm.mixln_init=megatron")),
+                        vocab_size=64, init_rules=False)
+    model = built.chunks[0]
+    ratio = _std(model, r"linear_proj\.weight$") / _std(model, r"linear_qkv\.weight$")
+    assert abs(ratio - 1 / math.sqrt(2 * L)) < 0.1 / math.sqrt(2 * L)
+
+
+def test_mixln_below_four_layers_warns_once():
+    from megaspan.norms.placements import mixln
+    from megaspan.norms.registry import build_placement
+
+    mixln._warned.clear()
+    with pytest.warns(UserWarning, match=r"floor\(0.25\*3\) = 0 Post-LN layers: it is plain Pre-LN"):
+        assert build_placement("mixln", None, 3).num_post == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_placement("mixln", None, 3)  # the same model again: no second warning
+        assert build_placement("mixln", None, 4).num_post == 1
 
 
 @pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p not in RESCALES])

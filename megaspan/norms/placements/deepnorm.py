@@ -6,15 +6,25 @@
 Init: v, out-proj, fc1, fc2 weights x beta = (8L)^{-1/4}; q and k untouched. Only the V rows
 of Megatron's fused, per-group interleaved QKV weight are scaled. No Megatron output scaling
 (torchscale has none) and no final norm.
+
+Gated FFN (SwiGLU): torchscale's GLU has ``fc1`` (activated: silu(fc1 x)), a linear ``gate`` and
+``fc2``, and its DeepNorm init divides only parameters named fc1/fc2/out_proj/v_proj, so the
+linear gate keeps its init. Megatron fuses both into ``linear_fc1`` as [activated; linear] rows
+(``glu``: ``x_glu, x_linear = chunk(x, 2)``; each TP shard keeps that layout), so by default
+only the first half of its rows is scaled (``deepnorm_glu_scale=activated``);
+``deepnorm_glu_scale=both`` scales the whole fused weight (megaspan's earlier rule, which starts
+the FFN branch beta times smaller than torchscale's).
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from megaspan.norms.base import PlacementOptions
 from megaspan.norms.placements.post import PostNorm
 from megaspan.norms.registry import register
-from megaspan.norms.weights import scale_value_rows, scale_weights
+from megaspan.norms.weights import _KIND_PATTERNS, scale_value_rows, scale_weights
+
+FC1 = _KIND_PATTERNS["fc1"]
 
 
 @dataclass(kw_only=True)
@@ -23,6 +33,8 @@ class DeepNormOptions(PlacementOptions):
     """Residual multiplier; None = (2L)^(1/4) (decoder-only rule)."""
     deepnorm_beta: Optional[float] = None
     """Init gain on v/proj/fc1/fc2; None = (8L)^(-1/4)."""
+    deepnorm_glu_scale: Literal["activated", "both"] = "activated"
+    """Gated FFN: beta on the activated half of linear_fc1 only (torchscale's GLU), or on both."""
 
 
 @register
@@ -55,4 +67,30 @@ class DeepNorm(PostNorm):
 
     def init_weights(self, layer) -> None:
         scale_value_rows(layer, self.beta)
-        scale_weights(layer, ("proj", "fc1", "fc2"), self.beta)
+        gated = bool(getattr(getattr(layer, "config", None), "gated_linear_unit", False))
+        if gated and self.options.deepnorm_glu_scale == "activated":
+            scale_weights(layer, ("proj", "fc2"), self.beta)
+            scale_activated_fc1_rows(layer, self.beta)
+        else:
+            scale_weights(layer, ("proj", "fc1", "fc2"), self.beta)
+
+
+def scale_activated_fc1_rows(layer, factor: float) -> None:
+    """Multiply the activated half of every gated ``linear_fc1`` (dense and experts) by ``factor``.
+
+    Dense / SequentialMLP / TEGroupedMLP weights are [2 * ffn_local, h]: rows [:ffn_local] feed the
+    activation. The legacy GroupedMLP's ``weight1`` is [h, experts * 2 * ffn_local], per expert
+    [h, 2 * ffn_local] with columns [:ffn_local] activated.
+    """
+    import torch
+
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if not FC1.search(name):
+                continue
+            if name.endswith("weight1"):
+                view = param.view(param.shape[0], experts.num_local_experts, -1)
+                view[:, :, : view.shape[-1] // 2].mul_(factor)
+            else:
+                param[: param.shape[0] // 2].mul_(factor)

@@ -86,7 +86,10 @@ def count_shard(chunks: list, layout: ParallelLayout) -> Shard:
                 multiplicity = layout.tp if split else 1
             if not _is_tied_copy(chunk, param):
                 unique += n * multiplicity
-    layers = [layer.layer_number for chunk in chunks for layer in chunk.decoder.layers]
+    # Blocks, also for model.arch=hybrid, whose two layers per block carry the block's number.
+    layers = list(
+        dict.fromkeys(getattr(layer, "block_number", layer.layer_number) for chunk in chunks for layer in chunk.decoder.layers)
+    )
     return Shard(layers=layers, dense=dense, expert=expert, unique=unique)
 
 

@@ -222,3 +222,25 @@ def test_uniform_recompute_equals_gpt(mcore):
              "parallel.recompute_num_layers=1")
     same_init, diff = compare(tiny_cfg("spannorm", extra=extra))
     assert same_init and diff == []
+
+
+@pytest.mark.integration
+def test_plan_accepts_hybrid():
+    """`megaspan plan` with model.arch=hybrid: same per-stage counts as gpt, stages list blocks."""
+    from tests.unit.test_plan import SMALL_MOE, plan_json
+
+    layout = ["model.norm_placement=spannorm", "parallel.pipeline_model_parallel_size=2",
+              "parallel.virtual_pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]
+    gpt = plan_json(4, SMALL_MOE + layout)
+    hybrid = plan_json(4, SMALL_MOE + layout + ["model.arch=hybrid"])
+    assert hybrid["sharded_total"] == gpt["sharded_total"] == gpt["single_device_params"]
+    assert [s["shard"]["layers"] for s in hybrid["stages"]] == [s["shard"]["layers"] for s in gpt["stages"]]
+
+
+
+def test_diagnostics_refused_on_hybrid_for_now():
+    from megaspan.config import validate
+    from megaspan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="diagnostics_interval is not supported with model.arch=hybrid"):
+        validate(tiny_cfg("pre", extra=("model.arch=hybrid", "logging.diagnostics_interval=5")))

@@ -117,9 +117,13 @@ def tiny_corpus(cache_dir):
     return tokenizer, prefixes
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def single_process_group():
-    """A world-size-1 gloo group in the pytest process, with the CPU emulation switched on."""
+    """A world-size-1 gloo group in the pytest process, with the CPU emulation switched on.
+
+    Function-scoped and idempotent (both calls return at once when already done): an in-process
+    ``train()`` tears the world group down at its end, and the next test must not inherit that.
+    """
     from megaspan.runtime import init_process_group, setup_cpu
 
     setup_cpu()

@@ -12,7 +12,7 @@ Commit protocol, and why each step is ordered as it is:
 1. every rank checks its parameters are finite (all-reduced): a diverged model is never committed
    (see :class:`NonFiniteModelError`);
 2. every rank writes its shards into ``tmp-step_N`` (``dist_checkpointing.save``) with a
-   synchronous writer (see :class:`SyncTorchDistSaveStrategy` for why);
+   synchronous writer (see :func:`_sync_save_strategy` for why);
 3. the ranks checksum the files (each a share of them) and rank 0 writes ``META_FILE`` with the
    manifest (name -> size, crc32) inside the directory, last, so "META_FILE present and the files
    match its manifest" means "every shard was written, and is intact";

@@ -13,6 +13,7 @@ Order of work in :func:`build_trainer`, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megaspan import runtime
+from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import config_to_dict
 from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import CheckpointError, ConfigError, RunDirError, UserError
@@ -72,12 +74,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def rank_position(cfg: MegaspanConfig) -> RankPosition:
     from megatron.core import parallel_state as ps
 
-    dp_size = ps.get_data_parallel_world_size()
-    tr = cfg.training
+    layout = ParallelLayout.of(cfg, dist.get_world_size())
+    if layout.dp != ps.get_data_parallel_world_size():  # the one dp arithmetic must be Megatron's
+        raise RuntimeError(f"layout dp {layout.dp} != Megatron's {ps.get_data_parallel_world_size()}")
     return RankPosition(
+        layout=layout,
         dp_rank=ps.get_data_parallel_rank(),
-        dp_size=dp_size,
-        num_microbatches=tr.global_batch_size // (tr.micro_batch_size * dp_size),
         reports_loss=(
             ps.is_pipeline_last_stage(ignore_virtual=True)
             and ps.get_tensor_model_parallel_rank() == 0
@@ -187,13 +189,7 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
     p = trainer.position
     extra = {
         "tokenizer_hash": data.tokenizer_hash,
-        "world": {
-            "world_size": dist.get_world_size(),
-            "tp": cfg.parallel.tensor_model_parallel_size,
-            "pp": cfg.parallel.pipeline_model_parallel_size,
-            "dp": p.dp_size,
-            "num_microbatches": p.num_microbatches,
-        },
+        "world": dataclasses.asdict(p.layout),
         "versions": {
             "megaspan": megaspan.__version__,
             "torch": torch.__version__,

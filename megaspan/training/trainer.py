@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megaspan import runtime
+from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import config_to_dict
 from megaspan.config.schema import MegaspanConfig
 from megaspan.training.batches import Batch, micro_batches
@@ -30,12 +31,19 @@ from megaspan.training.setup import TrainingObjects, cuda_free
 
 @dataclass(frozen=True)
 class RankPosition:
-    """This rank's place in the data-parallel and pipeline layout."""
+    """This rank's place in the run's :class:`~megaspan.config.ParallelLayout`."""
 
+    layout: ParallelLayout
     dp_rank: int
-    dp_size: int
-    num_microbatches: int
     reports_loss: bool  # one rank per data-parallel replica contributes to the logged loss
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.layout.num_microbatches
 
 
 def run_dir(cfg: MegaspanConfig) -> Path:

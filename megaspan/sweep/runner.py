@@ -9,7 +9,6 @@ with ``checkpoint.resume=auto`` so a preempted or interrupted cell continues fro
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -150,17 +149,12 @@ def run_local(sweep: dict, runs_dir: Path | None = None, *, jobs: int = 1, extra
                 echo(progress_line(done, total, results[index], eta))
     except KeyboardInterrupt:
         interrupted = True
-        # The children got the same SIGINT from the terminal; send it again for cells started in
-        # another way, then let them save their checkpoint (the trainer exits 0 after saving).
-        for proc, _, _log in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+        # Ctrl-C reached the running cells too (same foreground process group): each saves a
+        # checkpoint and exits. Do not signal them again -- the trainer treats a second SIGINT as
+        # "abort now" -- just wait; a second Ctrl-C here aborts them and the sweep.
+        echo("interrupted: waiting for the running cells to save their checkpoints")
         for proc, _, log in running.values():
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait()
             log.close()
         echo(f"interrupted: {len(running) + len(start_queue)} cells unfinished; run the same command "
              "again to resume them")

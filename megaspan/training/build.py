@@ -340,6 +340,9 @@ def train(cfg: MegaspanConfig) -> int:
         trainer = build_trainer(cfg, preempt=preempt)
         try:
             code = trainer.fit()
+            if trainer.finished:
+                trainer.log.info(f"training finished at step {trainer.progress.step}")
+            return code
         except RunDirError as exc:
             # The filesystem refused a write mid-run (full disk, permissions): one line, exit 1;
             # the checkpoints written before are intact.
@@ -347,9 +350,6 @@ def train(cfg: MegaspanConfig) -> int:
             return 1
         finally:
             trainer.close()
-        if trainer.finished:
-            trainer.log.info(f"training finished at step {trainer.progress.step}")
-        return code
     finally:
         destroy_num_microbatches_calculator()
         runtime.destroy()

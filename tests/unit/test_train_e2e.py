@@ -7,6 +7,7 @@ later runs, and later sessions, hit that cache.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -92,6 +93,10 @@ def test_short_run_lowers_loss_and_writes_tensorboard(tmp_path: Path) -> None:
     assert scalars(run, "train/loss")[30] == pytest.approx(float(losses[30]), abs=1e-6)
     assert scalars(run, "valid/loss")[30] < scalars(run, "valid/loss")[0]
     assert (run / "config.yaml").is_file() and (run / "train.log").read_text().count("step 30/30") == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["steps"]) == ("completed", 30)
+    assert summary["final_val_loss"] == pytest.approx(scalars(run, "valid/loss")[30], abs=1e-6)
+    assert summary["config"]["model"]["vocab_size"] > 0 and summary["versions"]["megatron-core"]
     assert find_latest_valid(run / "checkpoints") == run / "checkpoints" / checkpoint_name(30)
 
 
@@ -145,6 +150,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path: Path) -> None
             proc.kill()
     assert proc.returncode == 0, rest[-2000:]
     assert time.monotonic() - signalled_at < 90  # one step + one checkpoint, on a loaded 2-core box
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
     marker = (run / "preempted").read_text()
     step = int(re.match(r"step (\d+) signal SIGTERM", marker)[1])
     assert step >= 3

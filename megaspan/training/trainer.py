@@ -295,9 +295,3 @@ class Trainer:
             return None
         return float(self.objs.optimizer.get_loss_scale())
 
-
-def train(cfg: MegaspanConfig) -> int:
-    """Compatibility entry point: :func:`megaspan.training.build.train` is the one to call."""
-    from megaspan.training.build import train as _train
-
-    return _train(cfg)

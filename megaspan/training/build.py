@@ -135,7 +135,11 @@ def build_data(cfg: MegaspanConfig) -> Data:
             f"({tokenizer.vocab_size}); leave it null to use the tokenizer's"
         )
     datasets = build_datasets(
-        cfg.data, tokenizer, cfg.model.seq_length, cfg.training.seed, _sample_counts(cfg),
+        cfg.data,
+        tokenizer,
+        cfg.model.seq_length,
+        cfg.training.seed,
+        _sample_counts(cfg),
         # The model only needs a mask when documents are masked from each other; otherwise
         # attention is plainly causal and a [s, s] mask per sample is wasted memory.
         create_attention_mask=cfg.data.reset_attention_mask,
@@ -182,7 +186,9 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
     import megaspan
 
     config = config_to_dict(cfg)
-    config["precision"]["dtype"] = _DTYPE_NAMES.get(trainer.objs.config.params_dtype, config["precision"]["dtype"])
+    config["precision"]["dtype"] = _DTYPE_NAMES.get(
+        trainer.objs.config.params_dtype, config["precision"]["dtype"]
+    )
     config["model"]["vocab_size"] = data.vocab_size
     if data.tokenizer_path is not None:
         config["tokenizer"]["model"] = data.tokenizer_path
@@ -225,7 +231,9 @@ def _restore(trainer: Trainer, resume: Path | None) -> None:
     else:
         trainer.log.info(f"resumed from checkpoint at step {progress.step} ({path})")
     for key, (before, now) in sorted(getattr(progress, "changed", {}).items()):
-        trainer.log.info(f"resume: {key} changed {before} -> {now}; the new value applies from step {progress.step + 1}")
+        trainer.log.info(
+            f"resume: {key} changed {before} -> {now}; the new value applies from step {progress.step + 1}"
+        )
 
 
 def default_hooks(cfg: MegaspanConfig, preempt: PreemptionFlag | None) -> list[Hook]:
@@ -283,8 +291,15 @@ def build_trainer(
         total_params = _total_params(objs)
         log = _on_rank0(lambda: _logger(cfg, objs, total_params), everywhere=True)
         trainer = Trainer(
-            cfg, objs, data.datasets, position, log, all_hooks,
-            preempt=preempt, tokenizer_hash=data.tokenizer_hash, run_dir_lock=lock,
+            cfg,
+            objs,
+            data.datasets,
+            position,
+            log,
+            all_hooks,
+            preempt=preempt,
+            tokenizer_hash=data.tokenizer_hash,
+            run_dir_lock=lock,
         )
         _log_header(trainer, data, total_params)
         _restore(trainer, resume)

@@ -24,7 +24,9 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
 
 # Filesystem refusals that are the user's to fix (space, permissions, a file where a dir should be).
-FS_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EDQUOT})
+FS_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EDQUOT}
+)
 
 _FIX = {
     errno.ENOSPC: "free some space or choose another training.run_dir",
@@ -37,12 +39,12 @@ _FIX = {
 }
 
 
-
-
 def fs_error(exc: OSError, path: Path | str) -> RunDirError:
     """One line naming the path, what the filesystem said and what to do."""
     where = exc.filename or path
-    return RunDirError(f"cannot write {where}: {os.strerror(exc.errno)}; {_FIX.get(exc.errno, 'check the path')}")
+    return RunDirError(
+        f"cannot write {where}: {os.strerror(exc.errno)}; {_FIX.get(exc.errno, 'check the path')}"
+    )
 
 
 def guarded[T](path: Path | str, action: Callable[[], T]) -> T:

@@ -58,9 +58,7 @@ def _wrap_ddp(cfg: MegaspanConfig, chunks: list, tconfig) -> list:
         module = Float16Module(tconfig, chunk) if (tconfig.fp16 or tconfig.bf16) else chunk
         # Only the first chunk buckets its grads: later VP chunks' reductions would otherwise
         # be launched out of order (same rule as megatron.training.get_model).
-        wrapped.append(
-            DistributedDataParallel(tconfig, ddp_config, module, disable_bucketing=i > 0)
-        )
+        wrapped.append(DistributedDataParallel(tconfig, ddp_config, module, disable_bucketing=i > 0))
     return wrapped
 
 

@@ -145,8 +145,12 @@ class Trainer:
         """One iterator per model chunk: each virtual stage reads the same micro-batches."""
         return [
             micro_batches(
-                dataset, consumed_samples, self.cfg.training.micro_batch_size,
-                self.position.dp_rank, self.position.dp_size, self.device,
+                dataset,
+                consumed_samples,
+                self.cfg.training.micro_batch_size,
+                self.position.dp_rank,
+                self.position.dp_size,
+                self.device,
             )
             for _ in self.objs.model
         ]
@@ -190,9 +194,15 @@ class Trainer:
         reduced = Reduced(_reduce_reported(losses, self.position, self.device, signalled))
         lr = objs.scheduler.get_lr(objs.optimizer.param_groups[0])
         self.pending = StepResult(
-            step=step, grad_norm=None, lr=lr, num_zeros=None, skipped=False, step_time_s=0.0,
+            step=step,
+            grad_norm=None,
+            lr=lr,
+            num_zeros=None,
+            skipped=False,
+            step_time_s=0.0,
             tokens=tr.global_batch_size * self.cfg.model.seq_length,
-            consumed_samples=self.progress.consumed_samples + tr.global_batch_size, reduced=reduced,
+            consumed_samples=self.progress.consumed_samples + tr.global_batch_size,
+            reduced=reduced,
         )
         self._skip_reason = None
         call(self.hooks, "before_optimizer_step", self, step)  # gradients not yet clipped
@@ -222,7 +232,9 @@ class Trainer:
         loss_sum = tokens = 0.0
         with torch.no_grad():
             for _ in range(self.cfg.training.eval_steps):
-                s, t, _ = _reduce_reported(self._run_schedule(iterators, True), self.position, self.device).tolist()
+                s, t, _ = _reduce_reported(
+                    self._run_schedule(iterators, True), self.position, self.device
+                ).tolist()
                 loss_sum, tokens = loss_sum + s, tokens + t
         for chunk in self.objs.model:
             chunk.train()
@@ -235,20 +247,31 @@ class Trainer:
         cfg = self.cfg
         with cuda_free():
             path = save_checkpoint(
-                ckpt_dir or checkpoint_dir(cfg), self.progress, self.objs.chunks, self.objs.optimizer,
-                self.objs.scheduler, config_to_dict(cfg), cfg.checkpoint.keep_last,
+                ckpt_dir or checkpoint_dir(cfg),
+                self.progress,
+                self.objs.chunks,
+                self.objs.optimizer,
+                self.objs.scheduler,
+                config_to_dict(cfg),
+                cfg.checkpoint.keep_last,
                 tokenizer_hash=self.tokenizer_hash,
             )
         self.log.info(f"saved checkpoint {path}")
         return path
 
-    def load(self, path: Path, *, load_optimizer: bool = True, consumed_samples: int | None = None) -> Progress:
+    def load(
+        self, path: Path, *, load_optimizer: bool = True, consumed_samples: int | None = None
+    ) -> Progress:
         """Restore ``path`` (collective) and continue from its step and data position (or from
         ``consumed_samples``: a rollback that skips data)."""
         objs = self.objs
         with cuda_free():
             progress = load_checkpoint(
-                path, objs.chunks, objs.optimizer, objs.scheduler, load_optimizer=load_optimizer,
+                path,
+                objs.chunks,
+                objs.optimizer,
+                objs.scheduler,
+                load_optimizer=load_optimizer,
                 expected_tokenizer_hash=self.tokenizer_hash,
             )
         self.progress = Progress(progress.step, progress.consumed_samples)
@@ -294,4 +317,3 @@ class Trainer:
         if not self.objs.config.fp16:
             return None
         return float(self.objs.optimizer.get_loss_scale())
-

@@ -37,7 +37,10 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "tp2": ("parallel.tensor_model_parallel_size=2",),
     "tp2-sp": ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"),
     "pp2": ("parallel.pipeline_model_parallel_size=2",),
-    "pp2-vpp2": ("parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"),
+    "pp2-vpp2": (
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.virtual_pipeline_model_parallel_size=2",
+    ),
     "pp2-uneven": (
         "parallel.pipeline_model_parallel_size=2",
         "parallel.num_layers_in_first_pipeline_stage=1",
@@ -171,8 +174,13 @@ def run_case(case: Case) -> dict:
 
     start = time.perf_counter()
     cfg = layout_config(
-        case.placement, case.moe, case.layout, case.out_dir,
-        steps=case.steps, resume=case.init or "none", save_at_end=case.save,
+        case.placement,
+        case.moe,
+        case.layout,
+        case.out_dir,
+        steps=case.steps,
+        resume=case.init or "none",
+        save_at_end=case.save,
     )
     recorder = LossRecorder()
     trainer = _trainer(cfg, recorder)  # loads ``case.init`` weights-only
@@ -188,7 +196,9 @@ def run_case(case: Case) -> dict:
     assert valid_step == case.steps
     saved = Path(case.out_dir) / checkpoint_name(case.steps) if case.save else None
     seconds = dict(setup=loaded - start, train=trained - loaded)
-    return dict(losses=recorder.losses, valid=valid, checkpoint=str(saved) if saved else None, seconds=seconds)
+    return dict(
+        losses=recorder.losses, valid=valid, checkpoint=str(saved) if saved else None, seconds=seconds
+    )
 
 
 def _allow_child_processes() -> None:
@@ -224,8 +234,12 @@ def reload_case(job: Reload) -> dict:
     import tempfile
 
     cfg = layout_config(
-        job.placement, job.moe, job.layout, tempfile.mkdtemp(prefix="megaspan-reload-"),
-        resume=job.checkpoint, load_optimizer=job.load_optimizer,
+        job.placement,
+        job.moe,
+        job.layout,
+        tempfile.mkdtemp(prefix="megaspan-reload-"),
+        resume=job.checkpoint,
+        load_optimizer=job.load_optimizer,
     )
     recorder = LossRecorder()
     try:

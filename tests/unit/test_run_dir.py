@@ -20,7 +20,10 @@ from tests.distributed import layout_workers as lw
 
 
 def _datasets():
-    return (lw.synthetic_dataset(lw.STEPS * lw.GLOBAL_BATCH, 1), lw.synthetic_dataset(lw.EVAL_STEPS * lw.GLOBAL_BATCH, 2))
+    return (
+        lw.synthetic_dataset(lw.STEPS * lw.GLOBAL_BATCH, 1),
+        lw.synthetic_dataset(lw.EVAL_STEPS * lw.GLOBAL_BATCH, 2),
+    )
 
 
 def _build(run: Path, **options):
@@ -50,10 +53,15 @@ def test_a_second_live_run_is_refused_in_one_line(tmp_path):
 
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from megaspan.training.rundir import "
-         "RunDirLock; RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)",
-         str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from megaspan.training.rundir import "
+            "RunDirLock; RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -93,8 +101,9 @@ def test_a_failed_resume_leaves_config_yaml_untouched(single_process_group, tmp_
     _fit(run, steps=2, save_at_end=True)
     before = (run / CONFIG_FILE).read_bytes()
     # Another model size in the same run dir: the resume fails after the run dir is opened.
-    cfg = lw.layout_config("pre", False, "tp1", str(run), resume="auto", load_optimizer=True,
-                           extra=("model.hidden_size=32",))
+    cfg = lw.layout_config(
+        "pre", False, "tp1", str(run), resume="auto", load_optimizer=True, extra=("model.hidden_size=32",)
+    )
     with pytest.raises(UserError):
         build_trainer(cfg, datasets=_datasets(), vocab_size=lw.VOCAB)
     assert (run / CONFIG_FILE).read_bytes() == before
@@ -119,7 +128,9 @@ def test_tensorboard_hides_the_steps_a_resume_redoes(single_process_group, tmp_p
     tb = ("logging.tensorboard=true", "logging.log_interval=1", "checkpoint.save_interval=2")
     _fit(run, steps=3, extra=tb)  # checkpoint at 2, steps 1-3 logged
     first, first_lr = scalars(run, "train/loss"), scalars(run, "train/lr")
-    resumed = _fit(run, steps=lw.STEPS, resume="auto", load_optimizer=True, extra=(*tb, "optimizer.lr=1.0e-3"))
+    resumed = _fit(
+        run, steps=lw.STEPS, resume="auto", load_optimizer=True, extra=(*tb, "optimizer.lr=1.0e-3")
+    )
     assert resumed.progress.step == lw.STEPS
     after = scalars(run, "train/loss")
     assert sorted(after) == list(range(1, lw.STEPS + 1))  # step 3 once, from the resumed run
@@ -132,7 +143,9 @@ def test_changed_optimizer_keys_on_resume_are_applied_and_logged(single_process_
     run = tmp_path / "run"
     _fit(run, steps=2, save_at_end=True)
     capsys.readouterr()
-    trainer = _build(run, resume="auto", load_optimizer=True, extra=("optimizer.lr=1.0e-3", "optimizer.min_lr=1.0e-4"))
+    trainer = _build(
+        run, resume="auto", load_optimizer=True, extra=("optimizer.lr=1.0e-3", "optimizer.min_lr=1.0e-4")
+    )
     trainer.close()
     out = capsys.readouterr().out
     assert "resume: optimizer.lr changed 0.003 -> 0.001; the new value applies from step 3" in out

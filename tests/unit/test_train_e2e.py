@@ -20,18 +20,31 @@ import pytest
 
 from megaspan.training.checkpoint import checkpoint_name, find_latest_valid, is_valid
 
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss (\d+\.\d{6}) \| lr \S+ \| grad_norm \S+ \| tokens/s \S+ \| mem \S+ \| eta \S+")
+STEP_LINE = re.compile(
+    r"^step (\d+)/(\d+) \| loss (\d+\.\d{6}) \| lr \S+ \| grad_norm \S+ \| tokens/s \S+ \| mem \S+ \| eta \S+"
+)
 RUN_TIMEOUT_S = 600  # shared 2-core machines run several jobs at once
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     env.update(extra)
     return env
 
 
 def _cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "megaspan", "train", "--config", "tiny", f"training.run_dir={run_dir}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "megaspan",
+        "train",
+        "--config",
+        "tiny",
+        f"training.run_dir={run_dir}",
+        *overrides,
+    ]
 
 
 def train(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
@@ -59,7 +72,9 @@ sys.exit(main(sys.argv[1:]))
 
 def train_crashing_at(step: int, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", _CRASHING_CLI, *_cmd(run_dir, *overrides)[3:]]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(CRASH_AT=str(step)), timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(CRASH_AT=str(step)), timeout=RUN_TIMEOUT_S
+    )
 
 
 def step_losses(stdout: str) -> dict[int, str]:
@@ -76,7 +91,9 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 
 def _check(result: subprocess.CompletedProcess, returncode: int = 0) -> None:
-    assert result.returncode == returncode, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == returncode, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
 
 
 def test_short_run_lowers_loss_and_writes_tensorboard(tmp_path: Path) -> None:
@@ -103,7 +120,12 @@ def test_short_run_lowers_loss_and_writes_tensorboard(tmp_path: Path) -> None:
 def test_resume_reproduces_an_uninterrupted_run_bitwise(tmp_path: Path) -> None:
     # Dropout on, so the RNG state must be restored too; decay_steps pins the LR schedule so a
     # 10-step first leg has the same schedule as the 20-step run.
-    common = ("model.hidden_dropout=0.1", "schedule.decay_steps=20", "logging.log_interval=1", "training.eval_interval=100")
+    common = (
+        "model.hidden_dropout=0.1",
+        "schedule.decay_steps=20",
+        "logging.log_interval=1",
+        "training.eval_interval=100",
+    )
     straight, split = tmp_path / "straight", tmp_path / "split"
     _check(train(straight, "training.steps=20", *common))
     _check(train(split, "training.steps=10", *common))
@@ -134,7 +156,10 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path: Path) -> None
     run = tmp_path / "run"
     proc = subprocess.Popen(
         _cmd(run, "training.steps=100000", "logging.log_interval=1", "training.eval_interval=100000"),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
     )
     try:
         for line in proc.stdout:
@@ -166,10 +191,25 @@ def test_two_process_data_parallel_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "megaspan", "train", "--config", "tiny",
-         f"training.run_dir={run}", "training.steps=6", "checkpoint.save_interval=3",
-         "parallel.use_distributed_optimizer=true", "logging.log_interval=1"],
-        capture_output=True, text=True, env=_env(OMP_NUM_THREADS="1"), timeout=RUN_TIMEOUT_S,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "megaspan",
+            "train",
+            "--config",
+            "tiny",
+            f"training.run_dir={run}",
+            "training.steps=6",
+            "checkpoint.save_interval=3",
+            "parallel.use_distributed_optimizer=true",
+            "logging.log_interval=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(OMP_NUM_THREADS="1"),
+        timeout=RUN_TIMEOUT_S,
     )
     _check(result)
     assert "world 2 (dp 2)" in result.stdout

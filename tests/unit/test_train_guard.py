@@ -77,9 +77,13 @@ def poison(monkeypatch):
 
 def _run(tmp_path, hook, *extra: str, steps: int = STEPS, samples: int = 16 * STEPS):
     train = RecordingDataset(lw.synthetic_dataset(samples, seed=1))
-    cfg = lw.layout_config("pre", False, "tp1", str(tmp_path / "run"), steps=steps, save_at_end=True, extra=extra)
+    cfg = lw.layout_config(
+        "pre", False, "tp1", str(tmp_path / "run"), steps=steps, save_at_end=True, extra=extra
+    )
     trainer = build_trainer(
-        cfg, hooks=[hook], datasets=(train, lw.synthetic_dataset(lw.EVAL_STEPS * lw.GLOBAL_BATCH, 2)),
+        cfg,
+        hooks=[hook],
+        datasets=(train, lw.synthetic_dataset(lw.EVAL_STEPS * lw.GLOBAL_BATCH, 2)),
         vocab_size=lw.VOCAB,
     )
     try:
@@ -108,14 +112,20 @@ def test_skip_drops_the_nan_update_and_trains_on(single_process_group, tmp_path,
     assert poison.results[3].skipped and not poison.results[4].skipped
     assert torch.equal(poison.params[3], poison.params[2])
     assert torch.isfinite(poison.params[STEPS]).all() and math.isfinite(poison.results[STEPS].loss)
-    assert [(e["step"], e["kind"], e["action"]) for e in summary["guard_events"]] == [(3, "nonfinite_loss", "skip")]
+    assert [(e["step"], e["kind"], e["action"]) for e in summary["guard_events"]] == [
+        (3, "nonfinite_loss", "skip")
+    ]
     assert summary["final_train_loss"] is not None and math.isfinite(summary["final_train_loss"])
 
 
 def test_skip_on_a_loss_spike(single_process_group, tmp_path, poison):
     poison.factors = {6: 10.0}
-    guard = ("training.guard.policy=skip", "training.guard.window=3", "training.guard.warmup_steps=2",
-             "training.guard.spike_factor=2.0")
+    guard = (
+        "training.guard.policy=skip",
+        "training.guard.window=3",
+        "training.guard.warmup_steps=2",
+        "training.guard.spike_factor=2.0",
+    )
     trainer, code, summary, _ = _run(tmp_path, poison, *guard)
     assert code == 0
     [event] = summary["guard_events"]
@@ -124,15 +134,24 @@ def test_skip_on_a_loss_spike(single_process_group, tmp_path, poison):
     assert torch.equal(poison.params[6], poison.params[5])
 
 
-def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(single_process_group, tmp_path, poison):
+def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(
+    single_process_group, tmp_path, poison
+):
     poison.factors = {5: math.nan}
     trainer, code, summary, train = _run(
-        tmp_path, poison, "training.guard.policy=rollback", "checkpoint.save_interval=2",
+        tmp_path,
+        poison,
+        "training.guard.policy=rollback",
+        "checkpoint.save_interval=2",
         "training.guard.rollback_lr_factor=0.5",
     )
     assert code == 0 and summary["status"] == "completed" and trainer.progress.step == STEPS
     [event] = summary["guard_events"]
-    assert (event["step"], event["kind"], event["action"]) == (5, "nonfinite_loss", f"rollback to {checkpoint_name(4)}")
+    assert (event["step"], event["kind"], event["action"]) == (
+        5,
+        "nonfinite_loss",
+        f"rollback to {checkpoint_name(4)}",
+    )
     gb = lw.GLOBAL_BATCH
     # Steps 1-5 read samples [0, 40); after the rollback to step 4 the redone step 5 reads the batch
     # *after* the bad one: [40, 48), and the bad window [32, 40) is never read again.
@@ -148,7 +167,13 @@ def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(single_p
 def test_rollback_retries_are_bounded(single_process_group, tmp_path, poison):
     poison.factors = {s: math.nan for s in range(5, 40)}
     trainer, code, summary, _ = _run(
-        tmp_path, poison, "training.guard.policy=rollback", "checkpoint.save_interval=2", "training.guard.max_retries=2",
+        tmp_path,
+        poison,
+        "training.guard.policy=rollback",
+        "checkpoint.save_interval=2",
+        "training.guard.max_retries=2",
     )
     assert code == EXIT_DIVERGED and summary["status"] == "diverged"
-    assert [e["action"] for e in summary["guard_events"]] == [f"rollback to {checkpoint_name(4)}"] * 2 + ["stop"]
+    assert [e["action"] for e in summary["guard_events"]] == [f"rollback to {checkpoint_name(4)}"] * 2 + [
+        "stop"
+    ]

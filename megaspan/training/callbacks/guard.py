@@ -56,7 +56,9 @@ class SpikeDetector:
 
 def check_guard_config(guard) -> None:
     if guard.spike_factor <= 1.0:
-        raise ConfigError(f"training.guard.spike_factor={guard.spike_factor} must be > 1 (a multiple of the median loss)")
+        raise ConfigError(
+            f"training.guard.spike_factor={guard.spike_factor} must be > 1 (a multiple of the median loss)"
+        )
     if guard.window < 1 or guard.warmup_steps < 0 or guard.max_retries < 0:
         raise ConfigError("training.guard.window must be >= 1, warmup_steps and max_retries >= 0")
     if not 0.0 < guard.rollback_lr_factor <= 1.0:
@@ -98,7 +100,9 @@ class GuardHook(Hook):
             else:
                 event = ("nonfinite_grad", f"grad_norm {result.grad_norm} after the update")
                 self._record(trainer, result.step, event, "stop")
-                trainer.request_stop(f"{event[0]} at step {result.step}", EXIT_DIVERGED, status="diverged", checkpoint=False)
+                trainer.request_stop(
+                    f"{event[0]} at step {result.step}", EXIT_DIVERGED, status="diverged", checkpoint=False
+                )
                 return
         if event is None:
             self.detector.accept(result.loss)
@@ -108,12 +112,16 @@ class GuardHook(Hook):
 
     def _stop(self, trainer, result: StepResult, event) -> None:
         self._record(trainer, result.step, event, "stop")
-        trainer.request_stop(f"{event[0]} at step {result.step}", EXIT_DIVERGED, status="diverged", checkpoint=False)
+        trainer.request_stop(
+            f"{event[0]} at step {result.step}", EXIT_DIVERGED, status="diverged", checkpoint=False
+        )
 
     def _skip(self, trainer, result: StepResult, event) -> None:
         self.skips_in_a_row += 1
         if self.skips_in_a_row > max(1, self.max_retries):
-            self._stop(trainer, result, (event[0], f"{event[1]}; {self.skips_in_a_row} skipped updates in a row"))
+            self._stop(
+                trainer, result, (event[0], f"{event[1]}; {self.skips_in_a_row} skipped updates in a row")
+            )
             return
         self._record(trainer, result.step, event, "skip")
 

@@ -33,7 +33,7 @@ class LogHook(Hook):
         last = window[-1]
         tokens_per_step = last.tokens
         # Step time only: validation and checkpoint time would understate throughput.
-        elapsed = sum(self.step_times[-len(losses):])
+        elapsed = sum(self.step_times[-len(losses) :])
         # The first step of a process pays one-off costs; leave it out of the ETA.
         recent = (self.step_times[1:] or self.step_times)[-20:]
         trainer.log.train_step(

@@ -27,14 +27,18 @@ class PreemptionHook(Hook):
             # Once per run, on every rank alike: agree on the exit code (the highest; Ctrl-C on one
             # rank makes every rank exit 130).
             self.flag.agreed(trainer.device)
-            trainer.request_stop(f"signal {self._name()}", self.flag.exit_code, status="preempted", checkpoint=True)
+            trainer.request_stop(
+                f"signal {self._name()}", self.flag.exit_code, status="preempted", checkpoint=True
+            )
 
     def on_fit_end(self, trainer) -> None:
         stop = trainer.stop
         if stop is None or stop.status != "preempted":
             return
         step = trainer.progress.step
-        trainer.log.info(f"stopping on {self._name()} at step {step}: checkpoint saved, exiting {stop.exit_code}")
+        trainer.log.info(
+            f"stopping on {self._name()} at step {step}: checkpoint saved, exiting {stop.exit_code}"
+        )
         if dist.get_rank() == 0:
             (self.run_dir / PREEMPTED_MARKER).write_text(f"step {step} signal {self._name()}\n")
 

@@ -100,7 +100,9 @@ class SummaryHook(Hook):
             "tokens": tokens,
             "wall_time_s": round(time.monotonic() - self.started + self.previous.get("wall_time_s", 0.0), 3),
             "tokens_per_s": self.session_tokens / self.step_time if self.step_time > 0 else 0.0,
-            "final_train_loss": _finite(sum(self.last_losses) / len(self.last_losses)) if self.last_losses else None,
+            "final_train_loss": _finite(sum(self.last_losses) / len(self.last_losses))
+            if self.last_losses
+            else None,
             "final_val_loss": _finite(vals[-1]) if vals else self.previous.get("final_val_loss"),
             "best_val_loss": min(best) if best else None,
             "loss_spikes": self.spike_count,

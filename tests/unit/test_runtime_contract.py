@@ -160,11 +160,18 @@ def test_reinitializing_model_parallel_keeps_threads_and_groups_flat(single_proc
     from megaspan.config.schema import ParallelConfig
     from megaspan.runtime import initialize_model_parallel
 
+    from megaspan.models import build_model
+    from tests.helpers.models import tiny_cfg
+
+    cfg = tiny_cfg()
     initialize_model_parallel(ParallelConfig(), seed=1)
+    build_model(cfg, vocab_size=128)  # models hold group handles (in reference cycles)
     threads = len(_os_threads())
     groups = len(dist.distributed_c10d._world.pg_map)
-    for _ in range(30):
+    for i in range(30):
         initialize_model_parallel(ParallelConfig(), seed=1)
+        if i % 3 == 0:
+            build_model(cfg, vocab_size=128)
     # Other libraries may start a thread or two meanwhile; a leak adds ~60 per re-initialization.
     assert len(_os_threads()) <= threads + 5, Counter(_os_threads())
     assert len(dist.distributed_c10d._world.pg_map) == groups

@@ -158,9 +158,8 @@ def test_reinitializing_model_parallel_keeps_threads_and_groups_flat(single_proc
     import torch.distributed as dist
 
     from megaspan.config.schema import ParallelConfig
-    from megaspan.runtime import initialize_model_parallel
-
     from megaspan.models import build_model
+    from megaspan.runtime import initialize_model_parallel
     from tests.helpers.models import tiny_cfg
 
     cfg = tiny_cfg()

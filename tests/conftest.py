@@ -69,7 +69,7 @@ _INTEGRATION_NODE_PREFIXES = (
     "tests/unit/test_plan.py::test_plan_rejects_a_bad_layout_in_one_line",
     "tests/unit/test_batches.py::test_tp_rank0_reads_and_broadcasts_and_pp_stages_read_their_keys",
     "tests/unit/test_sweep_runner.py::test_sbatch_script_resolves_the_cell_through_the_package",
-    "tests/unit/test_plan_fit.py::test_over_budget_stage_is_marked_and_a_tp_change_suggested",
+    "tests/unit/test_plan_fit.py::",
 )
 
 

@@ -9,7 +9,7 @@ Backends:
 * ``local``: Megatron-Core modules only (runs on CPU); norms are :class:`SPNorm`.
 * ``transformer_engine``: TE linears/attention/norms. Where a layer has a plain pre-norm it keeps
   TE's fused norm+linear (``TELayerNormColumnParallelLinear``); unfused only where the placement
-  needs the norm output elsewhere (HybridNorm's MLP residual) or scales it (LNS).
+  needs the norm output elsewhere (HybridNorm's MLP residual) or scales it (LNS, in every layer).
   The local spec maps the would-be-fused norms to TE's key names, so checkpoints are
   interchangeable between the two backends.
 """
@@ -100,14 +100,17 @@ def layer_spec(
     plan = placement.plan(layer_number)
     # TE can fuse a pre-norm into the following linear only if nothing else needs the norm's
     # output and it is not rescaled; the local backend records the same decision in its key map.
+    # Rescaling is decided per placement, not per layer (see Placement.scales_pre_norms): LNS's
+    # block 1 has scale 1 but must keep the same keys as the other blocks.
     # The MLP's input norm also stays unfused when the MLP residual is the normed input
     # (HybridNorm) and for MoE layers (the router reads the norm output too).
     unfusable = {"attention": False, "mlp": plan.mlp_residual_normed or is_moe}
+    scaled = placement.scales_pre_norms
     norms, keys_map = {}, {}
     fused = {"attention": False, "mlp": False}  # does the sublayer's first linear own a norm?
     for slot in SLOTS:
         on = getattr(plan, slot.flag)
-        fuse = on and slot.fused_key is not None and plan.norm_scale == 1.0 and not unfusable[slot.sublayer]
+        fuse = on and slot.fused_key is not None and not scaled and not unfusable[slot.sublayer]
         fused[slot.sublayer] |= fuse
         if fuse and backend.fuses:
             norms[slot.module] = IdentityOp  # TE's fused norm+linear owns it

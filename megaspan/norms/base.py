@@ -75,9 +75,23 @@ class Placement:
 
     @property
     def layer_dependent_slots(self) -> bool:
-        """Do layers differ in which norm modules (parameters) they own?"""
+        """Do layers differ in which norm modules (parameters) they own?
+
+        ``norm_scale`` is left out: whether it is 1 or not never changes a layer's parameters or
+        checkpoint keys, because the TE fusion decision that depends on it is taken once for the
+        whole placement (:attr:`scales_pre_norms`)."""
         slots = {dataclasses.replace(self.plan(n), norm_scale=1.0) for n in range(1, self.num_layers + 1)}
         return len(slots) > 1
+
+    @property
+    def scales_pre_norms(self) -> bool:
+        """Does any layer rescale its pre-norm outputs (``norm_scale != 1``)?
+
+        TE's fused norm+linear cannot scale the norm output, so such a placement keeps its
+        pre-norms unfused in *every* layer, including those whose scale happens to be 1 (LNS's
+        block 1): a per-layer decision would give layers different checkpoint keys while
+        :attr:`layer_dependent_slots` says they stack on one layer axis."""
+        return any(self.plan(n).norm_scale != 1.0 for n in range(1, self.num_layers + 1))
 
     # --- equations ---------------------------------------------------------------------------
     def attn_residual(self, layer, bda: BDA, out_with_bias: tuple, residual, p: float):

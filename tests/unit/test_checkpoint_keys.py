@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from megaspan.models import build_model
+from megaspan.norms import available
 from megaspan.training.setup import cuda_free
 from tests.unit.test_placements import make_cfg
 
 
-@pytest.mark.parametrize("placement", ["spannorm", "mixln", "hybridnorm_star", "pre"])
+@pytest.mark.parametrize("placement", ["spannorm", "mixln", "hybridnorm_star", "pre", "lns"])
 def test_dist_checkpoint_round_trip(mcore, tmp_path, placement):
     from megatron.core import dist_checkpointing
 
@@ -25,3 +26,22 @@ def test_dist_checkpoint_round_trip(mcore, tmp_path, placement):
     for (name, a), (_, b) in zip(saved.state_dict().items(), fresh.state_dict().items()):
         if torch.is_tensor(a):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("placement", list(available()))
+def test_stacked_layers_share_checkpoint_keys(mcore, placement):
+    """Unless the placement asks for per-layer keys (``layer_dependent_slots``), Megatron stacks
+    every layer's tensors on one layer axis, so all layers must map to the same key names - the
+    TE fused-norm names included (LNS's block 1, scale 1/sqrt(1) = 1, once got them alone)."""
+    built = build_model(make_cfg(placement), vocab_size=64)
+    layers = built.chunks[0].decoder.layers
+    if built.placement.layer_dependent_slots:
+        pytest.skip("per-layer checkpoint keys (hetereogenous_dist_checkpoint)")
+    # The stored key is the ShardedTensor's .key (the keys map renames it; the dict key stays).
+    keys = [
+        sorted(
+            v.key for k, v in layer.sharded_state_dict(prefix="").items() if not k.endswith("_extra_state")
+        )
+        for layer in layers
+    ]
+    assert all(k == keys[0] for k in keys), keys

@@ -25,8 +25,11 @@ from megaspan.runtime import initialize_model_parallel
 from tests.helpers.models import tiny_cfg
 
 VOCAB = 128
-_META = {"distrib_optim_sharding_type": "fully_reshardable", "singleton_local_shards": False,
-         "chained_optim_avoid_prefix": True}
+_META = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
 
 
 def _build(cfg, hybrid: bool, seed: int):
@@ -53,11 +56,7 @@ def _load(model, path, retarget):
     model.load_state_dict(dist_checkpointing.load({"model0": template}, str(path))["model0"])
 
 
-# LNS: the GPT checkpoint itself cannot be saved on the local backend - block 1's norm scale is
-# 1/sqrt(1) = 1, so models/specs.layer_spec maps only that layer's input norm to TE's fused key
-# while the homogeneous checkpoint format needs one key set for all layers (reported; not hybrid's).
-_LNS = pytest.mark.xfail(reason="GPT+LNS checkpoint save: mixed fused/unfused norm keys", strict=True)
-PLACEMENTS = [pytest.param(p, marks=_LNS) if p == "lns" else p for p in available()]
+PLACEMENTS = list(available())
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

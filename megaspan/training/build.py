@@ -350,6 +350,9 @@ def train(cfg: MegaspanConfig) -> int:
     preempt = PreemptionFlag() if cfg.training.exit_on_signal else None
     if preempt is not None:
         preempt.install()
+    # Tear down only what this call creates: an embedding process (tests, notebooks, a sweep
+    # worker) may own the world group and keep using it after train() returns.
+    owns_world = not dist.is_initialized()
     runtime.init_process_group()
     try:
         trainer = build_trainer(cfg, preempt=preempt)
@@ -367,6 +370,9 @@ def train(cfg: MegaspanConfig) -> int:
             trainer.close()
     finally:
         destroy_num_microbatches_calculator()
-        runtime.destroy()
+        if owns_world:
+            runtime.destroy()
+        else:
+            runtime.destroy_model_parallel()
         if preempt is not None:
             preempt.restore()

@@ -122,3 +122,31 @@ def test_resume_after_a_stop_matches_the_uninterrupted_losses(single_process_gro
     finally:
         trainer.close()
     assert {**first.losses, **second.losses} == straight.losses  # exact
+
+
+def test_train_leaves_a_world_group_it_did_not_create(single_process_group, tmp_path):
+    """``train()`` inside a process that already holds the world group (tests, notebooks, a sweep
+    worker) destroys only its model-parallel groups; the caller keeps using its world group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megaspan.config.loader import load_config
+    from megaspan.training.build import train
+
+    world = dist.group.WORLD
+    cfg = load_config(
+        "tiny",
+        [
+            f"training.run_dir={tmp_path / 'run'}",
+            "training.steps=2",
+            "schedule.warmup_steps=1",
+            "training.eval_interval=2",
+            "checkpoint.save_at_end=false",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+        ],
+    )
+    assert train(cfg) == 0
+    assert dist.is_initialized() and dist.group.WORLD is world
+    assert not parallel_state.model_parallel_is_initialized()
+    dist.barrier()  # still usable

@@ -35,7 +35,7 @@ from megaspan.training.callbacks.guard import GuardHook
 from megaspan.training.callbacks.metrics_log import LogHook
 from megaspan.training.callbacks.preemption import PreemptionHook
 from megaspan.training.callbacks.summary import SummaryHook
-from megaspan.training.checkpoint import find_latest_valid, is_valid, remove_stale_tmp
+from megaspan.training.checkpoint import check_checkpoint, find_latest_valid, remove_stale_tmp
 from megaspan.training.hooks import Hook
 from megaspan.training.metrics import MetricsLogger, flops_per_token
 from megaspan.training.rundir import RunDirLock, guarded, write_resolved_config
@@ -55,8 +55,14 @@ def resolve_resume(cfg: MegaspanConfig) -> Path | None:
         # Checksums too: a corrupt newest checkpoint is skipped with one warning line.
         return find_latest_valid(checkpoint_dir(cfg), verify=True)
     path = Path(resume)
-    if not is_valid(path):
-        raise CheckpointError(f"checkpoint.resume={resume}: not a complete megaspan checkpoint directory")
+    # Checksums too (an explicit target is read once anyway), and the one line names the file
+    # that is wrong, not just "incomplete".
+    problem = check_checkpoint(path, verify=True)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint.resume={resume}: {problem}; point it at a complete step_NNNNNNN checkpoint "
+            "directory or use checkpoint.resume=auto"
+        )
     return path
 
 

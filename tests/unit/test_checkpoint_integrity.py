@@ -25,8 +25,8 @@ from megaspan.training.checkpoint import (
     META_FILE,
     NonFiniteModelError,
     Progress,
-    checkpoint_name,
     check_checkpoint,
+    checkpoint_name,
     find_latest_valid,
     is_valid,
     load_checkpoint,
@@ -151,6 +151,34 @@ def test_explicit_corrupt_resume_is_one_line(mcore, tmp_path, damage):
         assert shard.name in text
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no_meta", "no_metadata_json"])
+def test_explicit_unusable_resume_target_names_the_file(mcore, tmp_path, damage):
+    """``checkpoint.resume=PATH`` is checked before the run dir is touched: one line naming the
+    file that is wrong, not just "incomplete"."""
+    from megaspan.config.loader import load_config
+    from megaspan.training.build import resolve_resume
+
+    path = _save(_objs(), tmp_path, 1)
+    shard = _shard(path)
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:100])
+        expected = shard.name
+    elif damage == "garbage":  # same size: only the checksum sees it
+        shard.write_bytes(os.urandom(shard.stat().st_size))
+        expected = shard.name
+    elif damage == "no_meta":
+        (path / META_FILE).unlink()
+        expected = META_FILE
+    else:
+        (path / "metadata.json").unlink()
+        expected = "metadata.json"
+    cfg = load_config(None, tiny_overrides(extra=[f"checkpoint.resume={path}"]))
+    with pytest.raises(CheckpointError) as err:
+        resolve_resume(cfg)
+    text = _one_line(err.value)
+    assert f"checkpoint.resume={path}" in text and expected in text
+
+
 def test_checkpoint_of_another_model_names_the_tensor_and_shapes(mcore, tmp_path):
     path = _save(_objs(), tmp_path, 1)
     other = _objs("model.hidden_size=96", "model.num_attention_heads=4")
@@ -179,13 +207,25 @@ def test_resume_with_changed_optimizer_hyperparameters(mcore, tmp_path):
     for _ in range(3):
         _train_step(objs)
     path = _save(objs, tmp_path, 3)
-    changed_cfg = ("optimizer.lr=0.002", "optimizer.min_lr=0.0002", "optimizer.weight_decay=0.05",
-                   "optimizer.clip_grad=0.5", "schedule.warmup_steps=2", "training.steps=12")
+    changed_cfg = (
+        "optimizer.lr=0.002",
+        "optimizer.min_lr=0.0002",
+        "optimizer.weight_decay=0.05",
+        "optimizer.clip_grad=0.5",
+        "schedule.warmup_steps=2",
+        "training.steps=12",
+    )
     resumed_objs = _objs(*changed_cfg)
     resumed = load_checkpoint(path, resumed_objs.chunks, resumed_objs.optimizer, resumed_objs.scheduler)
     assert resumed.step == 3
-    assert set(resumed.changed) >= {"optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay",
-                                    "optimizer.clip_grad", "schedule.warmup_steps", "schedule.decay_steps"}
+    assert set(resumed.changed) >= {
+        "optimizer.lr",
+        "optimizer.min_lr",
+        "optimizer.weight_decay",
+        "optimizer.clip_grad",
+        "schedule.warmup_steps",
+        "schedule.decay_steps",
+    }
     assert resumed.changed["optimizer.lr"] == (pytest.approx(0.001), pytest.approx(0.002))
     # The config's schedule applies from the resumed step: the scheduler kept the new values...
     sch = resumed_objs.scheduler
@@ -195,8 +235,11 @@ def test_resume_with_changed_optimizer_hyperparameters(mcore, tmp_path):
     for group in resumed_objs.optimizer.param_groups:
         assert group["max_lr"] == pytest.approx(0.002)
     # The optimizer state (Adam moments) was loaded, not re-initialized.
-    inner = resumed_objs.optimizer.chained_optimizers[0].optimizer if hasattr(
-        resumed_objs.optimizer, "chained_optimizers") else resumed_objs.optimizer.optimizer
+    inner = (
+        resumed_objs.optimizer.chained_optimizers[0].optimizer
+        if hasattr(resumed_objs.optimizer, "chained_optimizers")
+        else resumed_objs.optimizer.optimizer
+    )
     moments = [s["exp_avg"] for s in inner.state.values() if "exp_avg" in s]
     assert moments and any(float(m.abs().sum()) > 0 for m in moments)
     _train_step(resumed_objs)  # and training goes on
@@ -250,8 +293,12 @@ def small_tmpfs(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     size = os.environ.get("MEGASPAN_TEST_TMPFS_SIZE", "3m")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -278,8 +325,12 @@ def test_read_only_checkpoint_dir_is_one_line(mcore, tmp_path):
         # read-only tmpfs remount.
         mnt = tmp_path / "ro"
         mnt.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)],
-                          capture_output=True).returncode != 0:
+        if (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True
+            ).returncode
+            != 0
+        ):
             pytest.skip("cannot mount a read-only tmpfs here")
         try:
             with pytest.raises(RunDirError) as err:

@@ -77,6 +77,24 @@ NOISE: tuple[Noise, ...] = (
         "a one-line error",
     ),
     Noise(
+        "The argument order of load has been changed",
+        "warnings",
+        "torch.distributed.checkpoint.utils (_api_bc_check), called by "
+        "megatron.core.dist_checkpointing.strategies.torch (TorchDistLoadShardedStrategy.load)",
+        "emitted at every resume because Megatron passes its storage reader to torch DCP's load "
+        "positionally; torch maps it to storage_reader itself and loads the same, and the notice "
+        "asks Megatron's code, not the user, to change the call",
+    ),
+    Noise(
+        "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load",
+        "warnings",
+        "torch.distributed.checkpoint.state_dict_loader, called by "
+        "megatron.core.dist_checkpointing.strategies.torch (TorchDistLoadShardedStrategy.load)",
+        "emitted (twice) at every resume because Megatron loads with no_dist=True on purpose: each "
+        "rank reads the shards it owns without collectives; the process group is up and the "
+        "resume is distributed as configured",
+    ),
+    Noise(
         "Apex is not installed",
         "warnings",
         "megatron.core.models (layer specs)",

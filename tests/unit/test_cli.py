@@ -291,6 +291,20 @@ def test_quiet_matches_the_installed_megatron_messages() -> None:
         "import megatron.core.optimizer, megatron.core.models.mimo, megatron.core.models.backends\n"
         "from megatron.core.transformer import TransformerConfig\n"
         "TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)\n"
+        # A real Megatron torch_dist save + load (what every resume does): torch DCP's notice
+        # about the argument order of its load.
+        "import tempfile, torch\n"
+        "from megaspan.runtime import init_process_group, setup_cpu\n"
+        "setup_cpu(); init_process_group()\n"
+        "from megatron.core import dist_checkpointing\n"
+        "from megatron.core.dist_checkpointing import ShardedTensor\n"
+        "from megaspan.training.checkpoint import _sync_save_strategy\n"
+        "from megaspan.training.setup import cuda_free\n"
+        "d = tempfile.mkdtemp()\n"
+        "with cuda_free():\n"
+        "    sd = {{'a': ShardedTensor.from_rank_offsets('a', torch.arange(4.0))}}\n"
+        "    dist_checkpointing.save(sd, d, sharded_strategy=_sync_save_strategy())\n"
+        "    dist_checkpointing.load({{'a': ShardedTensor.from_rank_offsets('a', torch.zeros(4))}}, d)\n"
     )
     quiet_run, verbose_run = (
         subprocess.run(

@@ -99,11 +99,16 @@ def _init_megatron(cfg: MegaspanConfig) -> RankPosition:
         destroy_num_microbatches_calculator,
         init_num_microbatches_calculator,
     )
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     seed_everything(cfg.training.seed, cfg.training.deterministic)
     runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
     position = rank_position(cfg)
     destroy_num_microbatches_calculator()  # a process may build several trainers (tests)
+    # Megatron's MoE routers record their aux losses in a process-wide tracker whose per-layer
+    # tensors are sized by the first model that records (and live on its device); a deeper model
+    # built later in the same process would index past them. Each trainer starts a fresh one.
+    destroy_moe_metrics_tracker()
     init_num_microbatches_calculator(
         dist.get_rank(), None, cfg.training.global_batch_size, cfg.training.micro_batch_size, position.dp_size
     )

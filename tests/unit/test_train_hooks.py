@@ -150,3 +150,17 @@ def test_train_leaves_a_world_group_it_did_not_create(single_process_group, tmp_
     assert dist.is_initialized() and dist.group.WORLD is world
     assert not parallel_state.model_parallel_is_initialized()
     dist.barrier()  # still usable
+
+
+def test_moe_models_of_different_depth_train_in_one_process(single_process_group, tmp_path):
+    """Megatron's MoE aux-loss tracker is process-wide and sized by the first model that records
+    into it; a deeper MoE model trained later in the same process must not inherit it."""
+    for layers in (2, 4):  # shallower first: the deeper one would index past a 2-layer tracker
+        cfg = lw.layout_config(
+            "pre", True, "tp1", str(tmp_path / f"run{layers}"), steps=2, extra=(f"model.num_layers={layers}",)
+        )
+        trainer = build_trainer(cfg, datasets=_datasets(), vocab_size=lw.VOCAB)
+        try:
+            assert trainer.fit() == 0
+        finally:
+            trainer.close()

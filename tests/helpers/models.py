@@ -52,3 +52,24 @@ def tiny_cfg(placement: str = "spannorm", moe: bool = False, **kwargs):
     from megaspan.config.loader import load_config
 
     return load_config(None, tiny_overrides(placement, moe, **kwargs))
+
+
+def stack_cfg(placement: str = "spannorm", moe: bool = False, norm: str = "RMSNorm", extra: Iterable[str] = ()):
+    """Tiny config for tests that run the decoder stack directly, like the reference stack: 8 tokens
+    and no position embedding (the reference has none)."""
+    return tiny_cfg(placement, moe, seq_length=8, norm=norm, extra=("model.position_embedding_type=none", *extra))
+
+
+# `megaspan plan` inputs: a vocab size (no tokenizer needed) and a batch every tested layout divides.
+SMALL_MOE = [
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.seq_length=16",
+    "model.moe.num_experts=4",
+    "model.moe.ffn_hidden_size=32",
+    "model.vocab_size=128",
+    "training.micro_batch_size=1",
+    "training.global_batch_size=8",
+]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from megaspan.models import build_model
+from megaspan.norms import available
 from tests.helpers.models import NUM_LAYERS
 from tests.unit import reference
 
 HIDDEN = 64
+PLACEMENTS = list(available())
 
 
 def _grads(out, inputs, probe):

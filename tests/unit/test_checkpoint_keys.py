@@ -8,7 +8,7 @@ import torch
 from megaspan.models import build_model
 from megaspan.norms import available
 from megaspan.training.setup import cuda_free
-from tests.unit.test_placements import make_cfg
+from tests.helpers.models import stack_cfg as make_cfg
 
 
 @pytest.mark.parametrize("placement", ["spannorm", "mixln", "hybridnorm_star", "pre", "lns"])

@@ -11,7 +11,8 @@ import torch
 from megaspan.models import build_model
 from megaspan.runtime import device
 from megaspan.training.diagnostics import LayerDiagnostics, angular_distance, token_cosine, write_record
-from tests.unit.test_placements import L, make_cfg
+from tests.helpers.models import NUM_LAYERS as L
+from tests.helpers.models import stack_cfg as make_cfg
 
 
 def run_step(placement, armed_step=10, interval=5, extra=(), moe=False, capture=None):

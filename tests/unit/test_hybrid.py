@@ -227,7 +227,8 @@ def test_uniform_recompute_equals_gpt(mcore):
 @pytest.mark.integration
 def test_plan_accepts_hybrid():
     """`megaspan plan` with model.arch=hybrid: same per-stage counts as gpt, stages list blocks."""
-    from tests.unit.test_plan import SMALL_MOE, plan_json
+    from tests.helpers.cli import plan_json
+    from tests.helpers.models import SMALL_MOE
 
     layout = ["model.norm_placement=spannorm", "parallel.pipeline_model_parallel_size=2",
               "parallel.virtual_pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]

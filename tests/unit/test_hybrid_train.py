@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_train_e2e import STEP_LINE, train
+from tests.helpers.cli import STEP_LINE, train
 
 pytestmark = pytest.mark.integration
 

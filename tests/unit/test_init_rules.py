@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from megaspan.models import apply_init_rules, build_model
-from tests.unit.test_placements import PLACEMENTS, L, make_cfg
+from tests.helpers.models import NUM_LAYERS as L
+from tests.helpers.models import stack_cfg as make_cfg
+from tests.helpers.placements import PLACEMENTS
 
 HEADS, GROUPS, HIDDEN = 4, 2, 64
 HN = HIDDEN // HEADS

@@ -8,36 +8,12 @@ import math
 import pytest
 import torch
 
-from megaspan.config.loader import load_config
 from megaspan.models import build_model
 from megaspan.norms import available
+from tests.helpers.models import NUM_LAYERS as L
+from tests.helpers.models import stack_cfg as make_cfg
+from tests.helpers.placements import PLACEMENTS
 from tests.unit import reference
-
-PLACEMENTS = list(available())
-L = 4
-
-
-def make_cfg(placement, moe=False, norm="RMSNorm", extra=()):
-    overrides = [
-        f"model.norm_placement={placement}",
-        f"model.num_layers={L}",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.num_query_groups=2",  # GQA: exercises the interleaved QKV layout
-        "model.seq_length=8",
-        "model.position_embedding_type=none",
-        f"model.normalization={norm}",
-        "model.activation=swiglu" if norm == "RMSNorm" else "model.activation=gelu",
-        "precision.dtype=fp32",
-    ]
-    if moe:
-        overrides += [
-            "model.moe.num_experts=4",
-            "model.moe.router_topk=2",
-            "model.moe.aux_loss_coeff=0",
-            "model.moe.ffn_hidden_size=32",
-        ]
-    return load_config(None, overrides + list(extra))
 
 
 def _grads(out, inputs, probe):

@@ -8,30 +8,13 @@ analytical count.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from megaspan.config import load_config
-
-TIMEOUT_S = 300
-
-SMALL_MOE = [
-    "model.num_layers=4",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.num_query_groups=2",
-    "model.seq_length=16",
-    "model.moe.num_experts=4",
-    "model.moe.ffn_hidden_size=32",
-    "model.vocab_size=128",
-    "training.micro_batch_size=1",
-    "training.global_batch_size=8",
-]
+from tests.helpers.cli import PLAN_TIMEOUT_S, plan_json, run_plan
+from tests.helpers.models import SMALL_MOE
 
 # 512 GPUs: TP8 x PP8 x EP8 (x DP8), a 64-layer, 64-expert model (~217B parameters).
 LARGE = [
@@ -53,20 +36,6 @@ LARGE = [
     "training.micro_batch_size=1",
     "training.global_batch_size=512",
 ]
-
-
-def run_plan(world: int, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    cmd = [sys.executable, "-m", "megaspan", "plan", "--world-size", str(world), *extra, *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
-
-
-def plan_json(world: int, overrides: list[str]) -> dict:
-    result = run_plan(world, overrides, "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
 
 
 def real_single_device_count(overrides: list[str]) -> int:
@@ -156,7 +125,7 @@ def test_plan_512_gpus_in_seconds_adds_up():
     # The embedding (first stage) and the tied output copy (last stage) make the ends heavier.
     assert stages[0]["shard"]["dense"] > stages[1]["shard"]["dense"] < stages[-1]["shard"]["dense"]
     assert all(0 < s["memory"]["total"] < 80 * 1024**3 for s in stages)
-    assert elapsed < TIMEOUT_S
+    assert elapsed < PLAN_TIMEOUT_S
 
 
 def test_plan_prints_a_table():

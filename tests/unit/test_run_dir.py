@@ -122,7 +122,7 @@ def test_an_unusable_run_dir_is_one_line(single_process_group, tmp_path, where):
 
 
 def test_tensorboard_hides_the_steps_a_resume_redoes(single_process_group, tmp_path):
-    from tests.unit.test_train_e2e import scalars
+    from tests.helpers.cli import scalars
 
     run = tmp_path / "run"
     tb = ("logging.tensorboard=true", "logging.log_interval=1", "checkpoint.save_interval=2")

@@ -8,7 +8,6 @@ later runs, and later sessions, hit that cache.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,39 +18,7 @@ from pathlib import Path
 import pytest
 
 from megaspan.training.checkpoint import checkpoint_name, find_latest_valid, is_valid
-
-STEP_LINE = re.compile(
-    r"^step (\d+)/(\d+) \| loss (\d+\.\d{6}) \| lr \S+ \| grad_norm \S+ \| tokens/s \S+ \| mem \S+ \| eta \S+"
-)
-RUN_TIMEOUT_S = 600  # shared 2-core machines run several jobs at once
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env.update(extra)
-    return env
-
-
-def _cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megaspan",
-        "train",
-        "--config",
-        "tiny",
-        f"training.run_dir={run_dir}",
-        *overrides,
-    ]
-
-
-def train(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _cmd(run_dir, *overrides), capture_output=True, text=True, env=_env(**env), timeout=RUN_TIMEOUT_S
-    )
-
+from tests.helpers.cli import RUN_TIMEOUT_S, clean_env, scalars, step_losses, train, train_cmd
 
 # Fault injection lives here, not in megaspan: the CLI in a process whose checkpoint commit dies
 # (os._exit, like a kill -9) at step $CRASH_AT, after every shard of that step was written.
@@ -71,23 +38,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def train_crashing_at(step: int, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", _CRASHING_CLI, *_cmd(run_dir, *overrides)[3:]]
+    cmd = [sys.executable, "-c", _CRASHING_CLI, *train_cmd(run_dir, *overrides)[3:]]
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=_env(CRASH_AT=str(step)), timeout=RUN_TIMEOUT_S
+        cmd, capture_output=True, text=True, env=clean_env(CRASH_AT=str(step)), timeout=RUN_TIMEOUT_S
     )
-
-
-def step_losses(stdout: str) -> dict[int, str]:
-    """{step: loss as printed} from the console lines."""
-    return {int(m[1]): m[3] for m in map(STEP_LINE.match, stdout.splitlines()) if m}
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return {event.step: event.value for event in acc.Scalars(tag)}
 
 
 def _check(result: subprocess.CompletedProcess, returncode: int = 0) -> None:
@@ -155,11 +109,11 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path)
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        _cmd(run, "training.steps=100000", "logging.log_interval=1", "training.eval_interval=100000"),
+        train_cmd(run, "training.steps=100000", "logging.log_interval=1", "training.eval_interval=100000"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=_env(),
+        env=clean_env(),
     )
     try:
         for line in proc.stdout:
@@ -208,7 +162,7 @@ def test_two_process_data_parallel_run(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        env=_env(OMP_NUM_THREADS="1"),
+        env=clean_env(OMP_NUM_THREADS="1"),
         timeout=RUN_TIMEOUT_S,
     )
     _check(result)

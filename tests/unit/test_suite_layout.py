@@ -1,0 +1,29 @@
+"""The test suite's own rule: shared code lives in tests/helpers, no test module imports another."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(tree: ast.AST) -> list[str]:
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def test_no_test_module_imports_another_test_module():
+    offenders = [
+        f"{path.relative_to(TESTS)}: {name}"
+        for path in sorted(TESTS.rglob("*.py"))
+        for name in _imported_modules(ast.parse(path.read_text(), str(path)))
+        if name.rsplit(".", 1)[-1].startswith("test_")
+    ]
+    assert not offenders, "move the shared piece to tests/helpers: " + ", ".join(offenders)

@@ -22,6 +22,7 @@ from megaspan.config.loader import load_config
 from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import UserError
 from megaspan.training.hooks import Hook
+from tests.helpers.models import tiny_overrides
 
 VOCAB = 128
 SEQ = 16
@@ -86,14 +87,8 @@ def layout_config(
     save_at_end: bool = False,
     extra: tuple[str, ...] = (),
 ) -> MegaspanConfig:
-    overrides = [
-        f"model.norm_placement={placement}",
-        "model.num_layers=4",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.num_query_groups=2",
-        f"model.seq_length={SEQ}",
-        "precision.dtype=fp32",
+    # The auxiliary load-balancing loss stays on (its default): it must reshard too.
+    overrides = tiny_overrides(placement, moe, seq_length=SEQ, aux_loss=True) + [
         f"training.steps={steps}",
         f"training.micro_batch_size={MICRO_BATCH}",
         f"training.global_batch_size={GLOBAL_BATCH}",
@@ -116,9 +111,6 @@ def layout_config(
         "logging.progress_bar=false",
         "logging.log_interval=1000",
     ]
-    if moe:
-        # The auxiliary load-balancing loss stays on (its default): it must reshard too.
-        overrides += ["model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.ffn_hidden_size=32"]
     return load_config(None, overrides + list(LAYOUTS[layout]) + list(extra))
 
 

@@ -61,15 +61,8 @@ def stack_cfg(placement: str = "spannorm", moe: bool = False, norm: str = "RMSNo
 
 
 # `megaspan plan` inputs: a vocab size (no tokenizer needed) and a batch every tested layout divides.
-SMALL_MOE = [
-    "model.num_layers=4",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.num_query_groups=2",
-    "model.seq_length=16",
-    "model.moe.num_experts=4",
-    "model.moe.ffn_hidden_size=32",
-    "model.vocab_size=128",
-    "training.micro_batch_size=1",
-    "training.global_batch_size=8",
-]
+SMALL_MOE = tiny_overrides(
+    moe=True,
+    aux_loss=True,
+    extra=("model.vocab_size=128", "training.micro_batch_size=1", "training.global_batch_size=8"),
+)

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
     from megaspan.plan import fit as fitting
+    from megaspan.runtime import setup_cpu
 
+    setup_cpu()  # the meta-device builds run Megatron's CUDA sites; emulate them without a GPU
     cfg = load_config(args.config, args.overrides)
     budget, device = fitting.device_memory(args.gpu, args.gpu_memory)
     result = plan(cfg, args.world_size)

@@ -67,14 +67,13 @@ class Plan:
 def plan(cfg: MegaspanConfig, world_size: int) -> Plan:
     """Validate ``cfg`` for ``world_size`` GPUs and size every pipeline stage.
 
-    Must run in a process without a live process group (it creates fake ones).
+    Must run in a process without a live process group (it creates fake ones). On a machine
+    without CUDA the caller switches on the CPU emulation first (``megaspan.runtime.setup_cpu()``,
+    as ``megaspan plan`` does): entry points decide it, not library calls.
     """
-    from megaspan.runtime import cpu_compat
-
     # The layout is meant for GPUs: judge it by GPU rules (CP, grouped GEMM, a TE backend) even on
     # a laptop. validate() also runs the schedule checks, so `plan` refuses what `train` refuses.
     layout = validate(cfg, world_size, Capabilities.gpu())
-    cpu_compat.apply()
     with _quiet_megatron():
         return _plan(cfg, layout)
 

@@ -131,6 +131,12 @@ def check_moe(cfg: MegaspanConfig) -> None:
         raise ConfigError(
             f"model.moe.router_topk={m.moe.router_topk} > model.moe.num_experts={m.moe.num_experts}"
         )
+    if m.add_bias_linear and not m.moe.grouped_gemm:
+        # SequentialMLP adds each expert's fc2 bias in place on an autograd view: backward raises.
+        raise ConfigError(
+            "model.add_bias_linear=true with MoE fails in Megatron's SequentialMLP (bias added in place); "
+            "set model.add_bias_linear=false or model.moe.grouped_gemm=true (GPU)"
+        )
     if tp > 1 and not par.sequence_parallel:
         raise ConfigError(
             "MoE with parallel.tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "

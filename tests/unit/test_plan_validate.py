@@ -24,6 +24,7 @@ PP2 = ["parallel.pipeline_model_parallel_size=2"]
 
 BAD = [
     # (overrides, world size, cuda, text the message must contain)
+    (MOE + ["model.add_bias_linear=true"], 1, False, "model.add_bias_linear=true with MoE"),
     (
         ["model.num_attention_heads=6", "model.hidden_size=384", "parallel.tensor_model_parallel_size=4"],
         4,

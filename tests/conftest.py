@@ -58,21 +58,6 @@ _DIRECTORY_MARKERS = {
     "e2e": ("slow", "integration"),
     "gpu": ("gpu",),
 }
-# Unit tests that start a Megatron-importing subprocess or gloo ranks, by node-id prefix. Kept
-# here until their modules mark themselves (@pytest.mark.integration); then delete the entry.
-_INTEGRATION_NODE_PREFIXES = (
-    "tests/unit/test_train_e2e.py::",
-    "tests/unit/test_cli.py::test_console_script_prints_one_line_on_a_cold_cache",
-    "tests/unit/test_plan.py::test_shards_add_up_to_the_real_single_device_model",
-    "tests/unit/test_plan.py::test_plan_512_gpus_in_seconds_adds_up",
-    "tests/unit/test_plan.py::test_plan_prints_a_table",
-    "tests/unit/test_plan.py::test_plan_rejects_a_bad_layout_in_one_line",
-    "tests/unit/test_batches.py::test_tp_rank0_reads_and_broadcasts_and_pp_stages_read_their_keys",
-    "tests/unit/test_sweep_runner.py::test_sbatch_script_resolves_the_cell_through_the_package",
-    "tests/unit/test_plan_fit.py::",
-)
-
-
 def _mark_tiers(items) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
@@ -80,8 +65,6 @@ def _mark_tiers(items) -> None:
             if "tests" in parts and directory in parts[parts.index("tests") + 1 : -1]:
                 for marker in markers:
                     item.add_marker(getattr(pytest.mark, marker))
-        if item.nodeid.startswith(_INTEGRATION_NODE_PREFIXES):
-            item.add_marker(pytest.mark.integration)
 
 
 def pytest_collection_modifyitems(config, items):

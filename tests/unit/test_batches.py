@@ -140,6 +140,7 @@ def _tp_pp_job(rank: int, world: int, layout: str) -> list[dict]:
     return _drain(B.micro_batches(ds, 4, 2, 0, 1, CPU))
 
 
+@pytest.mark.integration  # gloo ranks in subprocesses
 @pytest.mark.distributed
 def test_tp_rank0_reads_and_broadcasts_and_pp_stages_read_their_keys():
     direct = _drain(B.MicroBatches(Samples(), 4, 2, 0, 1, CPU, prefetch=0, keys=None))

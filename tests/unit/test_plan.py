@@ -16,6 +16,9 @@ from megaspan.config import load_config
 from tests.helpers.cli import PLAN_TIMEOUT_S, plan_json, run_plan
 from tests.helpers.models import SMALL_MOE
 
+# Every test here starts `megaspan` subprocesses that import torch and Megatron.
+pytestmark = pytest.mark.integration
+
 # 512 GPUs: TP8 x PP8 x EP8 (x DP8), a 64-layer, 64-expert model (~217B parameters).
 LARGE = [
     "model.norm_placement=pre",

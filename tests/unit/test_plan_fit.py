@@ -13,6 +13,9 @@ import pytest
 from megaspan.errors import ConfigError
 from megaspan.plan.fit import GIB, device_memory, parse_memory
 
+# Every test here starts `megaspan` subprocesses that import torch and Megatron.
+pytestmark = pytest.mark.integration
+
 DENSE = [
     "model.norm_placement=pre", "model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4",
     "model.seq_length=128", "model.vocab_size=1024", "training.micro_batch_size=1",

@@ -166,6 +166,7 @@ def test_slurm_submits_only_unfinished_cells(tmp_path, monkeypatch):
     assert frozen.parent == runs.resolve() and len(json.loads(frozen.read_text())["cells"]) == 4
 
 
+@pytest.mark.integration  # runs the generated sbatch script: a Megatron-importing subprocess
 def test_sbatch_script_resolves_the_cell_through_the_package(tmp_path):
     """sweep.sbatch's cell lookup + run dir, with train.sbatch replaced by an echo (no cluster)."""
     import shutil

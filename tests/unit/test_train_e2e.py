@@ -20,6 +20,9 @@ import pytest
 from megaspan.training.checkpoint import checkpoint_name, find_latest_valid, is_valid
 from tests.helpers.cli import RUN_TIMEOUT_S, clean_env, scalars, step_losses, train, train_cmd
 
+# Every test here starts `megaspan` subprocesses that import torch and Megatron.
+pytestmark = pytest.mark.integration
+
 # Fault injection lives here, not in megaspan: the CLI in a process whose checkpoint commit dies
 # (os._exit, like a kill -9) at step $CRASH_AT, after every shard of that step was written.
 _CRASHING_CLI = """

@@ -97,9 +97,17 @@ def report() -> int:
         ("torch", version_of(["torch"])),
         ("torch.version.cuda", try_import("torch:version.cuda")),
         ("torch.cudnn", try_import("torch:backends.cudnn.version")),
-        ("transformer_engine", version_of(
-            ["transformer-engine", "transformer-engine-torch", "transformer-engine-cu13", "transformer-engine-cu12"]
-        )),
+        (
+            "transformer_engine",
+            version_of(
+                [
+                    "transformer-engine",
+                    "transformer-engine-torch",
+                    "transformer-engine-cu13",
+                    "transformer-engine-cu12",
+                ]
+            ),
+        ),
         ("megatron_core", version_of(["megatron-core"])),
         ("megatron.core import", try_import("megatron.core:__version__")),
         ("apex", version_of(["apex"])),

@@ -59,9 +59,13 @@ def placement_options(name: str):
             with open(path) as f:
                 raw = yaml.safe_load(f) or {}
         except OSError as exc:
-            raise ConfigError(f"${OPTIONS_ENV}={path}: cannot read it ({exc.strerror}); point it at a YAML file") from exc
+            raise ConfigError(
+                f"${OPTIONS_ENV}={path}: cannot read it ({exc.strerror}); point it at a YAML file"
+            ) from exc
         if not isinstance(raw, dict):
-            raise ConfigError(f"${OPTIONS_ENV}={path} must hold a mapping of {name}'s options, e.g. 'final_norm: true'")
+            raise ConfigError(
+                f"${OPTIONS_ENV}={path} must hold a mapping of {name}'s options, e.g. 'final_norm: true'"
+            )
         cfg.model.norm = raw
     return norm_options(cfg)
 

@@ -58,6 +58,8 @@ _DIRECTORY_MARKERS = {
     "e2e": ("slow", "integration"),
     "gpu": ("gpu",),
 }
+
+
 def _mark_tiers(items) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts

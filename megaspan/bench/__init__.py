@@ -16,4 +16,13 @@ from megaspan.bench.presets import PRESETS, Preset, get_preset
 from megaspan.bench.report import compare, markdown
 from megaspan.bench.runner import PRECISIONS, BenchOptions, run_bench
 
-__all__ = ["PRECISIONS", "PRESETS", "BenchOptions", "Preset", "compare", "get_preset", "markdown", "run_bench"]
+__all__ = [
+    "PRECISIONS",
+    "PRESETS",
+    "BenchOptions",
+    "Preset",
+    "compare",
+    "get_preset",
+    "markdown",
+    "run_bench",
+]

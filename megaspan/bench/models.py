@@ -101,7 +101,8 @@ def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
         )
     else:
         spec = get_gpt_layer_local_spec(
-            num_experts=moe.num_experts, moe_grouped_gemm=moe.grouped_gemm,
+            num_experts=moe.num_experts,
+            moe_grouped_gemm=moe.grouped_gemm,
             normalization=cfg.model.normalization,
         )
     padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
@@ -245,7 +246,9 @@ def build_candidate(
 
     objs = build_training_objects(cfg, vocab_size)
     impl, padded = _impl_of(cfg), _padded(cfg, vocab_size)
-    return Candidate(name, "megaspan", name, impl, objs.num_params, padded, _trainer_step(cfg, objs, dataset), objs)
+    return Candidate(
+        name, "megaspan", name, impl, objs.num_params, padded, _trainer_step(cfg, objs, dataset), objs
+    )
 
 
 def _impl_of(cfg: MegaspanConfig) -> str:

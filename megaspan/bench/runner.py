@@ -51,7 +51,9 @@ def _placements(opts: BenchOptions, preset) -> list[str]:
     names = opts.placements or list(preset.placements) or list(known)
     for name in names:
         if name in BASELINES:
-            raise ConfigError(f"--placements {name}: stock and bare-loop are always timed; list placements only")
+            raise ConfigError(
+                f"--placements {name}: stock and bare-loop are always timed; list placements only"
+            )
         if name not in known:
             raise ConfigError(f"--placements: unknown placement '{name}' (known: {', '.join(known)})")
     if "pre" not in names:
@@ -195,8 +197,19 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             names = [*placements, *(BASELINES if opts.baselines else ())]
             tokens = cfg.training.global_batch_size * cfg.model.seq_length
             rows += _time_models(
-                names, cfg, lambda name, p=precision: cfgs[p, name], dataset, device, precision, tokens,
-                warmup, repeats, schedule, cuda, build_candidate, config_step_flops,
+                names,
+                cfg,
+                lambda name, p=precision: cfgs[p, name],
+                dataset,
+                device,
+                precision,
+                tokens,
+                warmup,
+                repeats,
+                schedule,
+                cuda,
+                build_candidate,
+                config_step_flops,
             )
     finally:
         runtime.destroy() if owns_group else None
@@ -257,7 +270,10 @@ def _init_microbatches(cfg, world: int) -> None:
 
     destroy_num_microbatches_calculator()
     init_num_microbatches_calculator(
-        dist.get_rank(), None, cfg.training.global_batch_size, cfg.training.micro_batch_size,
+        dist.get_rank(),
+        None,
+        cfg.training.global_batch_size,
+        cfg.training.micro_batch_size,
         ps.get_data_parallel_world_size(),
     )
 
@@ -307,8 +323,14 @@ def _time_models(
     def make(name):
         cand = build(name, cfg_for, dataset, cfg.model.vocab_size, device)
         rows[name] = report.Row(
-            model=name, kind=cand.kind, placement=cand.placement, precision=precision,
-            backend=cand.backend, times_s=[], tokens_per_step=tokens, num_params=cand.num_params,
+            model=name,
+            kind=cand.kind,
+            placement=cand.placement,
+            precision=precision,
+            backend=cand.backend,
+            times_s=[],
+            tokens_per_step=tokens,
+            num_params=cand.num_params,
             flops_per_step=flops_of(cfg, cand.padded_vocab),
         )
         return cand

@@ -28,22 +28,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "step time, IQR, tokens/s and ratios to pre and stock. Presets: "
         + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
     )
-    p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="size preset (default cpu-small)")
-    p.add_argument("--placements", type=_csv, metavar="A,B,...",
-                   help="placements to time (pre is always added); default: the preset's, or all")
-    p.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), metavar="P",
-                   help=f"one or more of {', '.join(PRECISIONS)}; default: the preset's")
+    p.add_argument(
+        "--preset", default="cpu-small", choices=sorted(PRESETS), help="size preset (default cpu-small)"
+    )
+    p.add_argument(
+        "--placements",
+        type=_csv,
+        metavar="A,B,...",
+        help="placements to time (pre is always added); default: the preset's, or all",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=sorted(PRECISIONS),
+        metavar="P",
+        help=f"one or more of {', '.join(PRECISIONS)}; default: the preset's",
+    )
     p.add_argument("--repeats", type=int, metavar="N", help="timed steps per model (default: the preset's)")
-    p.add_argument("--warmup", type=int, metavar="N", help="untimed steps per model first (default: the preset's)")
-    p.add_argument("--schedule", default="auto", choices=("auto", "round-robin", "sequential"),
-                   help="auto: round-robin on CPU, one model after another on GPU (memory)")
+    p.add_argument(
+        "--warmup", type=int, metavar="N", help="untimed steps per model first (default: the preset's)"
+    )
+    p.add_argument(
+        "--schedule",
+        default="auto",
+        choices=("auto", "round-robin", "sequential"),
+        help="auto: round-robin on CPU, one model after another on GPU (memory)",
+    )
     p.add_argument("--no-baselines", action="store_true", help="skip stock and bare-loop")
-    p.add_argument("--peak-tflops", type=float, metavar="T", help="per-device peak TFLOP/s for MFU (overrides the table)")
+    p.add_argument(
+        "--peak-tflops", type=float, metavar="T", help="per-device peak TFLOP/s for MFU (overrides the table)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="print B's step times relative to A's (no benchmark is run)")
-    p.add_argument("--summary", nargs="+", metavar="FILE.json",
-                   help="print one table over several results, with the GPU targets (no benchmark is run)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="print B's step times relative to A's (no benchmark is run)",
+    )
+    p.add_argument(
+        "--summary",
+        nargs="+",
+        metavar="FILE.json",
+        help="print one table over several results, with the GPU targets (no benchmark is run)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
 

@@ -21,10 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "profiles at the end of training, and the config and versions used.",
     )
     p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_SWEEP_DIR", help="run dirs or sweep dirs")
-    p.add_argument("-o", "--output", metavar="DIR", default=None,
-                   help="report directory (default: <first path>/report)")
-    p.add_argument("--format", choices=("md", "html"), default="md",
-                   help="md: report.md next to the PNGs; html: one self-contained report.html")
+    p.add_argument(
+        "-o", "--output", metavar="DIR", default=None, help="report directory (default: <first path>/report)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("md", "html"),
+        default="md",
+        help="md: report.md next to the PNGs; html: one self-contained report.html",
+    )
     p.set_defaults(func=run)
 
 

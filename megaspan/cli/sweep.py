@@ -22,23 +22,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default runs/<sweep name>/<cell>). Re-running skips cells whose summary.json says "
         "completed or diverged and resumes the others from their checkpoints.",
     )
-    p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, or a shipped sweep name (cpu-small, paper-h100)")
-    p.add_argument("--runs", metavar="DIR", type=Path, default=None,
-                   help="directory of the cell run dirs (default runs/<sweep name>)")
+    p.add_argument(
+        "sweep", metavar="SWEEP.yaml", help="sweep file, or a shipped sweep name (cpu-small, paper-h100)"
+    )
+    p.add_argument(
+        "--runs",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="directory of the cell run dirs (default runs/<sweep name>)",
+    )
     p.add_argument("--jobs", metavar="N", type=int, default=1, help="cells run at once (default 1)")
-    p.add_argument("--nproc", metavar="N", type=int, default=1,
-                   help="processes (GPUs) per cell; >1 launches each cell with torch.distributed.run")
+    p.add_argument(
+        "--nproc",
+        metavar="N",
+        type=int,
+        default=1,
+        help="processes (GPUs) per cell; >1 launches each cell with torch.distributed.run",
+    )
     p.add_argument("--list", action="store_true", help="print the cells and their status, run nothing")
-    p.add_argument("--slurm", action="store_true",
-                   help="submit the unfinished cells as one Slurm job array (launch/slurm/sweep.sbatch)")
-    p.add_argument("--sbatch-arg", metavar="ARG", action="append", default=[],
-                   help="extra sbatch option for --slurm, e.g. --sbatch-arg=--gpus-per-node=8 (repeatable)")
-    p.add_argument("--array-limit", metavar="K", type=int, default=None,
-                   help="with --slurm: at most K cells at once")
+    p.add_argument(
+        "--slurm",
+        action="store_true",
+        help="submit the unfinished cells as one Slurm job array (launch/slurm/sweep.sbatch)",
+    )
+    p.add_argument(
+        "--sbatch-arg",
+        metavar="ARG",
+        action="append",
+        default=[],
+        help="extra sbatch option for --slurm, e.g. --sbatch-arg=--gpus-per-node=8 (repeatable)",
+    )
+    p.add_argument(
+        "--array-limit", metavar="K", type=int, default=None, help="with --slurm: at most K cells at once"
+    )
     p.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch command only")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides appended to every cell (after the sweep's own); write them "
-                   "right after SWEEP, before the options")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides appended to every cell (after the sweep's own); write them "
+        "right after SWEEP, before the options",
+    )
     p.set_defaults(func=run)
 
 
@@ -62,15 +87,23 @@ def run(args: argparse.Namespace) -> int:
     if args.slurm:
         from megaspan.sweep.slurm import submit
 
-        cmd, job, pending = submit(sweep, runs, extra=args.overrides, sbatch_args=args.sbatch_arg,
-                                   array_limit=args.array_limit, dry_run=args.dry_run)
+        cmd, job, pending = submit(
+            sweep,
+            runs,
+            extra=args.overrides,
+            sbatch_args=args.sbatch_arg,
+            array_limit=args.array_limit,
+            dry_run=args.dry_run,
+        )
         if not pending:
             print(f"sweep {sweep['name']}: every cell is completed or diverged; nothing to submit")
         elif job is None:
             print(shlex.join(cmd))
         else:
-            print(f"sweep {sweep['name']}: submitted {len(pending)} of {len(sweep['cells'])} cells as "
-                  f"job array {job} (run dirs under {runs})")
+            print(
+                f"sweep {sweep['name']}: submitted {len(pending)} of {len(sweep['cells'])} cells as "
+                f"job array {job} (run dirs under {runs})"
+            )
         return 0
     code, _ = run_local(sweep, runs, jobs=args.jobs, extra=args.overrides, nproc=args.nproc)
     return code

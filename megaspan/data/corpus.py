@@ -119,9 +119,7 @@ def read_txt(path: str | os.PathLike[str]) -> Iterator[str]:
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not valid UTF-8 at byte {err.start}; re-encode the file as UTF-8"
-        ) from None
+        raise DataError(f"{path}: not valid UTF-8 at byte {err.start}; re-encode the file as UTF-8") from None
     if text:
         yield text
 
@@ -158,9 +156,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in _SUPPORTED_SUFFIXES
-            )
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUPPORTED_SUFFIXES)
             if not found:
                 raise DataError(f"{path}: directory holds no .txt or .jsonl files")
             files.extend(found)
@@ -173,9 +169,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
-def iter_documents(
-    paths: Sequence[str | os.PathLike[str]], text_key: str = "text"
-) -> Iterator[str]:
+def iter_documents(paths: Sequence[str | os.PathLike[str]], text_key: str = "text") -> Iterator[str]:
     """Yield the documents of ``.txt``/``.jsonl`` files (and directories of them), in order."""
     for path in expand_inputs(paths):
         if path.suffix == ".jsonl":
@@ -193,9 +187,7 @@ def file_corpus(paths: Sequence[str | os.PathLike[str]], text_key: str = "text")
     )
 
 
-def write_jsonl(
-    documents: Iterable[str], path: str | os.PathLike[str], text_key: str = "text"
-) -> int:
+def write_jsonl(documents: Iterable[str], path: str | os.PathLike[str], text_key: str = "text") -> int:
     """Write documents as ``.jsonl`` atomically (temp file, then rename); return the count.
 
     This is how to export the embedded corpus for other tools:

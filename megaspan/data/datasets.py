@@ -92,9 +92,7 @@ def build_datasets(
         if data_cfg.weights is not None:
             raise DataError("data.weights is set but data.paths is empty; give one path per weight")
         prefixes = rank_zero_first(lambda: preprocess_stdlib(tokenizer, cache))
-        split_source = {
-            "blend_per_split": [([prefixes["train"]], None), ([prefixes["valid"]], None), None]
-        }
+        split_source = {"blend_per_split": [([prefixes["train"]], None), ([prefixes["valid"]], None), None]}
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -192,9 +190,7 @@ def _check_split(split: str, prefixes: Sequence[str]) -> str:
             raise ValueError
         positive = sum(float(x) for x in split.split(",")) > 0
     except ValueError:
-        raise DataError(
-            f"data.split {split!r} is not 'train,valid,test' weights like '98,2,0'"
-        ) from None
+        raise DataError(f"data.split {split!r} is not 'train,valid,test' weights like '98,2,0'") from None
     if not positive:
         raise DataError(f"data.split {split!r} has no positive weight")
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))

@@ -142,8 +142,7 @@ class SentencePieceTokenizer:
     @property
     def special_tokens_dict(self) -> dict[str, int]:
         """Special ids by Megatron's names; GPTDataset uses it to detect pad collisions."""
-        ids = {"unk_token": self.unk, "bos_token": self.bos, "eos_token": self.eos,
-               "pad_token": self.pad}
+        ids = {"unk_token": self.unk, "bos_token": self.bos, "eos_token": self.eos, "pad_token": self.pad}
         return {name: i for name, i in ids.items() if i >= 0}
 
     @property
@@ -159,8 +158,7 @@ class SentencePieceTokenizer:
         are invalidated when a different model is written to the same path.
         """
         return OrderedDict(
-            [("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-             ("model_sha256", self.sha256)]
+            [("class", f"{type(self).__module__}.{type(self).__qualname__}"), ("model_sha256", self.sha256)]
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -199,9 +197,7 @@ def train_tokenizer(
         corpus = list(corpus)
     options = _trainer_options(vocab_size, model_type, max_train_sentences)
     key = _cache_key(corpus, options)
-    target = (
-        default_cache_dir(cache_dir) / "tokenizers" / f"spm-{model_type}-v{vocab_size}-{key}.model"
-    )
+    target = default_cache_dir(cache_dir) / "tokenizers" / f"spm-{model_type}-v{vocab_size}-{key}.model"
     if target.is_file():
         try:
             return SentencePieceTokenizer(target, from_cache=True)
@@ -221,9 +217,7 @@ def train_tokenizer(
     return SentencePieceTokenizer(target)
 
 
-def build_tokenizer(
-    tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig
-) -> SentencePieceTokenizer:
+def build_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig) -> SentencePieceTokenizer:
     """The run's tokenizer: ``tokenizer.model`` if set, else one trained on the stdlib corpus.
 
     Distributed-aware: when ``torch.distributed`` is initialized, rank 0 trains (or finds the
@@ -295,9 +289,7 @@ def _cache_key(corpus: Iterable[str], options: dict) -> str:
     """Hash of the corpus content and the recipe (every option that changes the model)."""
     digest = hashlib.sha256()
     recipe = {k: v for k, v in options.items() if k != "minloglevel"}
-    recipe.update(
-        format=_CACHE_FORMAT, lines=LINES_PER_SENTENCE, seed=TRAIN_SEED, spm=spm.__version__
-    )
+    recipe.update(format=_CACHE_FORMAT, lines=LINES_PER_SENTENCE, seed=TRAIN_SEED, spm=spm.__version__)
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     count = 0
     for text in corpus:

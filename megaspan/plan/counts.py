@@ -88,7 +88,11 @@ def count_shard(chunks: list, layout: ParallelLayout) -> Shard:
                 unique += n * multiplicity
     # Blocks, also for model.arch=hybrid, whose two layers per block carry the block's number.
     layers = list(
-        dict.fromkeys(getattr(layer, "block_number", layer.layer_number) for chunk in chunks for layer in chunk.decoder.layers)
+        dict.fromkeys(
+            getattr(layer, "block_number", layer.layer_number)
+            for chunk in chunks
+            for layer in chunk.decoder.layers
+        )
     )
     return Shard(layers=layers, dense=dense, expert=expert, unique=unique)
 

@@ -104,7 +104,11 @@ def suggest(cfg: MegaspanConfig, world_size: int, fit: Fit, planner) -> Fit:
             continue
         peak = max(s.memory.total for s in p.stages)
         if peak <= fit.budget:
-            extra = " parallel.sequence_parallel=true" if trial.parallel.sequence_parallel != cfg.parallel.sequence_parallel else ""
+            extra = (
+                " parallel.sequence_parallel=true"
+                if trial.parallel.sequence_parallel != cfg.parallel.sequence_parallel
+                else ""
+            )
             fit.suggestion = f"parallel.{key}={size}{extra}"
             fit.suggestion_peak = peak
             return fit

@@ -95,13 +95,26 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.status] = counts.get(r.status, 0) + 1
-    blocks.append(("p", f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                   + ". Sources: " + ", ".join(str(p) for p in paths) + "."))
+    blocks.append(
+        (
+            "p",
+            f"{len(runs)} runs: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + ". Sources: "
+            + ", ".join(str(p) for p in paths)
+            + ".",
+        )
+    )
     blocks.append(("h2", "Stability"))
-    blocks.append(("p", "Per placement and learning rate: the largest depth at which no seed diverged (and "
-                   "at least one completed), the depths where seeds diverged, the loss spikes the guard "
-                   "counted over all depths, and the final losses (mean ± sample std over the seeds, "
-                   "diverged seeds excluded) at that largest stable depth."))
+    blocks.append(
+        (
+            "p",
+            "Per placement and learning rate: the largest depth at which no seed diverged (and "
+            "at least one completed), the depths where seeds diverged, the loss spikes the guard "
+            "counted over all depths, and the final losses (mean ± sample std over the seeds, "
+            "diverged seeds excluded) at that largest stable depth.",
+        )
+    )
     blocks.append(("table", stability_table(runs)))
     blocks.append(("h2", "All cells"))
     blocks.append(("table", cells_table(runs)))
@@ -122,18 +135,27 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
     depths = sorted({r.depth for r in runs}, key=lambda x: (x is None, x or 0))
     blocks.append(("h2", "Final validation loss vs depth"))
     for lr in lrs:
-        add_figure(f"val_loss_vs_depth_lr{fmt_lr(lr)}", plots.val_loss_vs_depth(runs, lr),
-                   f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged")
+        add_figure(
+            f"val_loss_vs_depth_lr{fmt_lr(lr)}",
+            plots.val_loss_vs_depth(runs, lr),
+            f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged",
+        )
     blocks.append(("h2", "Loss curves"))
     for depth in depths:
-        add_figure(f"loss_curves_L{depth}", plots.loss_curves(runs, depth),
-                   f"loss curves at depth {depth} (mean over seeds; dashed = validation)")
+        add_figure(
+            f"loss_curves_L{depth}",
+            plots.loss_curves(runs, depth),
+            f"loss curves at depth {depth} (mean over seeds; dashed = validation)",
+        )
     blocks.append(("h2", "Per-layer profiles at the end of training"))
     before = len(report.images)
     for depth in depths:
         for lr in lrs:
-            add_figure(f"layer_profiles_L{depth}_lr{fmt_lr(lr)}", plots.layer_profiles(runs, depth, lr),
-                       f"per-layer profiles, depth {depth}, lr {fmt_lr(lr)}")
+            add_figure(
+                f"layer_profiles_L{depth}_lr{fmt_lr(lr)}",
+                plots.layer_profiles(runs, depth, lr),
+                f"per-layer profiles, depth {depth}, lr {fmt_lr(lr)}",
+            )
     if len(report.images) == before:
         blocks.append(("p", "No diagnostics.jsonl in these runs (set logging.diagnostics_interval)."))
 
@@ -184,9 +206,15 @@ def _render_html(title: str, blocks: list[tuple[str, Any]]) -> str:
         elif kind == "img":
             path, caption = payload
             data = base64.b64encode(path.read_bytes()).decode()
-            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1300px;margin:auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+            parts.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1300px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )

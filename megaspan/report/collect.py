@@ -103,12 +103,16 @@ def read_run(run_dir: Path, sweep: str = "", cell: dict[str, Any] | None = None)
     placement = pick("model.norm_placement")
     depth, lr, seed = pick("model.num_layers"), pick("optimizer.lr"), pick("training.seed")
     record = RunRecord(
-        path=run_dir, name=run_dir.name, status=run_status(run_dir, summary), summary=summary,
+        path=run_dir,
+        name=run_dir.name,
+        status=run_status(run_dir, summary),
+        summary=summary,
         config=config,
         placement=(str(placement) if placement is not None else "?") + (f"/{variant}" if variant else ""),
         depth=int(depth) if isinstance(depth, (int, float)) else None,
         lr=float(lr) if isinstance(lr, (int, float)) else None,
-        seed=int(seed) if isinstance(seed, (int, float)) else None, sweep=sweep,
+        seed=int(seed) if isinstance(seed, (int, float)) else None,
+        sweep=sweep,
     )
     record.curves = loss_curves(run_dir)
     return record
@@ -130,8 +134,10 @@ def collect(paths: list[str | Path]) -> list[RunRecord]:
         for name in sorted(names):
             runs.append(read_run(path / name, sweep or path.name, cells.get(name)))
     if not runs:
-        raise RunDirError(f"no run dirs found under {', '.join(map(str, paths))} "
-                          "(a run dir holds summary.json, config.yaml or train.log)")
+        raise RunDirError(
+            f"no run dirs found under {', '.join(map(str, paths))} "
+            "(a run dir holds summary.json, config.yaml or train.log)"
+        )
     return runs
 
 

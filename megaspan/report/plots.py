@@ -59,8 +59,15 @@ def val_loss_vs_depth(runs: list[RunRecord], lr: float | None) -> Figure | None:
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=p, color=colors[p])
     if diverged_x:
         top = max(finite) * 1.02 if finite else 1.0
-        ax.scatter([d for _, d in diverged_x], [top] * len(diverged_x), marker="x", s=60,
-                   c=[colors[p] for p, _ in diverged_x], label="diverged (a seed)", zorder=5)
+        ax.scatter(
+            [d for _, d in diverged_x],
+            [top] * len(diverged_x),
+            marker="x",
+            s=60,
+            c=[colors[p] for p, _ in diverged_x],
+            label="diverged (a seed)",
+            zorder=5,
+        )
     ax.set_xscale("log", base=2)
     depths = sorted({c.depth for c in cells})
     ax.set_xticks(depths, [str(d) for d in depths])
@@ -143,8 +150,9 @@ def layer_profiles(runs: list[RunRecord], depth: int | None, lr: float | None) -
     """Per-layer profiles at the end of training (last diagnostics record of the lowest seed of
     each placement): gradient norm, residual RMS, token cosine, angular distance."""
     records: dict[str, dict] = {}
-    for r in sorted((r for r in runs if r.depth == depth and r.lr == lr),
-                    key=lambda r: (r.seed is None, r.seed or 0)):
+    for r in sorted(
+        (r for r in runs if r.depth == depth and r.lr == lr), key=lambda r: (r.seed is None, r.seed or 0)
+    ):
         if r.placement in records:
             continue
         record = last_diagnostics(r.path)
@@ -160,8 +168,14 @@ def layer_profiles(runs: list[RunRecord], depth: int | None, lr: float | None) -
         for p in placements:
             xs, ys = _layer_values(records[p], key)
             if xs:
-                ax.plot(xs, ys, marker="o", markersize=3, color=colors[p],
-                        label=f"{p} (step {records[p].get('step', '?')})")
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    markersize=3,
+                    color=colors[p],
+                    label=f"{p} (step {records[p].get('step', '?')})",
+                )
         if key == "grad_norm" and ax.lines:
             ax.set_yscale("log")
         ax.set_title(title)

@@ -75,8 +75,16 @@ def stability_table(runs: list[RunRecord]) -> Table:
     by_pl: dict[tuple, list[Cell]] = defaultdict(list)
     for cell in group_cells(runs):
         by_pl[(cell.placement, cell.lr)].append(cell)
-    headers = ["placement", "lr", "largest stable depth", "diverged (depths)", "loss spikes",
-               "final train loss", "final val loss", "seeds"]
+    headers = [
+        "placement",
+        "lr",
+        "largest stable depth",
+        "diverged (depths)",
+        "loss spikes",
+        "final train loss",
+        "final val loss",
+        "seeds",
+    ]
     rows = []
     for (placement, lr), cells in by_pl.items():
         stable = [c for c in cells if c.stable]
@@ -84,31 +92,53 @@ def stability_table(runs: list[RunRecord]) -> Table:
         diverged = [c for c in cells if c.diverged]
         div_text = ", ".join(f"L{c.depth}: {c.diverged}/{len(c.runs)}" for c in diverged) or "none"
         spikes = sum(r.spikes for c in cells for r in c.runs)
-        rows.append([
-            placement, fmt_lr(lr),
-            "none" if best is None else str(best.depth),
-            div_text, str(spikes),
-            "-" if best is None else fmt_mean_std(best.losses("final_train_loss")),
-            "-" if best is None else fmt_mean_std(best.losses("final_val_loss")),
-            "0" if best is None else str(len(best.runs)),
-        ])
+        rows.append(
+            [
+                placement,
+                fmt_lr(lr),
+                "none" if best is None else str(best.depth),
+                div_text,
+                str(spikes),
+                "-" if best is None else fmt_mean_std(best.losses("final_train_loss")),
+                "-" if best is None else fmt_mean_std(best.losses("final_val_loss")),
+                "0" if best is None else str(len(best.runs)),
+            ]
+        )
     return headers, rows
 
 
 def cells_table(runs: list[RunRecord]) -> Table:
     """One row per (placement, lr, depth): statuses, spikes, losses (mean ± std over seeds)."""
-    headers = ["placement", "lr", "depth", "status", "loss spikes", "final train loss", "final val loss",
-               "best val loss", "seeds"]
+    headers = [
+        "placement",
+        "lr",
+        "depth",
+        "status",
+        "loss spikes",
+        "final train loss",
+        "final val loss",
+        "best val loss",
+        "seeds",
+    ]
     rows = []
     for c in group_cells(runs):
         counts: dict[str, int] = defaultdict(int)
         for r in c.runs:
             counts[r.status] += 1
         status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        rows.append([c.placement, fmt_lr(c.lr), "-" if c.depth is None else str(c.depth), status,
-                     str(sum(r.spikes for r in c.runs)), fmt_mean_std(c.losses("final_train_loss")),
-                     fmt_mean_std(c.losses("final_val_loss")), fmt_mean_std(c.losses("best_val_loss")),
-                     str(len(c.runs))])
+        rows.append(
+            [
+                c.placement,
+                fmt_lr(c.lr),
+                "-" if c.depth is None else str(c.depth),
+                status,
+                str(sum(r.spikes for r in c.runs)),
+                fmt_mean_std(c.losses("final_train_loss")),
+                fmt_mean_std(c.losses("final_val_loss")),
+                fmt_mean_std(c.losses("best_val_loss")),
+                str(len(c.runs)),
+            ]
+        )
     return headers, rows
 
 

@@ -41,20 +41,41 @@ def default_runs_dir(sweep: dict) -> Path:
     return Path("runs") / sweep["name"]
 
 
-def train_command(sweep: dict, index: int, run_dir: Path, *, extra: Sequence[str] = (),
-                  nproc: int = 1, python: str = sys.executable) -> list[str]:
+def train_command(
+    sweep: dict,
+    index: int,
+    run_dir: Path,
+    *,
+    extra: Sequence[str] = (),
+    nproc: int = 1,
+    python: str = sys.executable,
+) -> list[str]:
     """The ``megaspan train`` command of one cell (resume=auto first, so the sweep can override it)."""
     args = cell_args(sweep, index)
     config = args[:2] if args[:1] == ["--config"] else []
-    overrides = args[len(config):]
+    overrides = args[len(config) :]
     if nproc > 1:
         # --standalone: a private rendezvous per cell, so concurrent cells never share a port.
-        launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    "-m", "megaspan"]
+        launcher = [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "megaspan",
+        ]
     else:
         launcher = [python, "-m", "megaspan"]
-    return [*launcher, "train", *config, "checkpoint.resume=auto", *overrides, *extra,
-            f"training.run_dir={run_dir}"]
+    return [
+        *launcher,
+        "train",
+        *config,
+        "checkpoint.resume=auto",
+        *overrides,
+        *extra,
+        f"training.run_dir={run_dir}",
+    ]
 
 
 def _duration(seconds: float | None) -> str:
@@ -72,26 +93,39 @@ def progress_line(done: int, total: int, result: CellResult, eta_s: float | None
     if not result.skipped and result.status not in FINISHED | {"preempted"} and result.returncode:
         status += f" (exit {result.returncode})"
     time_s = "" if result.skipped else f" | {_duration(result.wall_s)}"
-    return (f"[{done}/{total}] {result.name} | {status} | {loss}{time_s}"
-            f" | sweep ETA {_duration(eta_s) if eta_s is not None else '-'}")
+    return (
+        f"[{done}/{total}] {result.name} | {status} | {loss}{time_s}"
+        f" | sweep ETA {_duration(eta_s) if eta_s is not None else '-'}"
+    )
 
 
-def _result(index: int, name: str, run_dir: Path, *, wall_s: float | None, rc: int | None,
-            skipped: bool) -> CellResult:
+def _result(
+    index: int, name: str, run_dir: Path, *, wall_s: float | None, rc: int | None, skipped: bool
+) -> CellResult:
     summary = read_summary(run_dir)
     status = run_status(run_dir, summary)
     if summary is None and rc is not None:
         # No summary (a trainer without summary.json, or a crash before writing it): the exit
         # code is all we know.
-        status = "completed" if rc == 0 and not (run_dir / "preempted").exists() else (
-            "preempted" if rc == 0 else "failed")
+        status = (
+            "completed"
+            if rc == 0 and not (run_dir / "preempted").exists()
+            else ("preempted" if rc == 0 else "failed")
+        )
     loss, kind = final_loss(summary)
     return CellResult(index, name, status, loss, kind, wall_s, rc, skipped)
 
 
-def run_local(sweep: dict, runs_dir: Path | None = None, *, jobs: int = 1, extra: Sequence[str] = (),
-              nproc: int = 1, python: str = sys.executable,
-              echo: Callable[[str], None] = print) -> tuple[int, list[CellResult]]:
+def run_local(
+    sweep: dict,
+    runs_dir: Path | None = None,
+    *,
+    jobs: int = 1,
+    extra: Sequence[str] = (),
+    nproc: int = 1,
+    python: str = sys.executable,
+    echo: Callable[[str], None] = print,
+) -> tuple[int, list[CellResult]]:
     """Run every unfinished cell (``jobs`` at a time); returns (exit code, results in cell order).
 
     Exit code 0 when every cell completed or diverged, 1 when some failed or were preempted (rerun
@@ -111,8 +145,9 @@ def run_local(sweep: dict, runs_dir: Path | None = None, *, jobs: int = 1, extra
         run_dir = runs_dir / cell["name"]
         if run_status(run_dir) in FINISHED:
             done += 1
-            results[cell["index"]] = _result(cell["index"], cell["name"], run_dir, wall_s=None, rc=None,
-                                             skipped=True)
+            results[cell["index"]] = _result(
+                cell["index"], cell["name"], run_dir, wall_s=None, rc=None, skipped=True
+            )
             echo(progress_line(done, total, results[cell["index"]], None))
         else:
             todo.append(cell["index"])
@@ -131,8 +166,9 @@ def run_local(sweep: dict, runs_dir: Path | None = None, *, jobs: int = 1, extra
                 cmd = train_command(sweep, index, run_dir, extra=extra, nproc=nproc, python=python)
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=os.environ.copy())
+                proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy()
+                )
                 running[index] = (proc, time.monotonic(), log)
             time.sleep(0.2)
             for index in [i for i, (p, _, _) in running.items() if p.poll() is not None]:
@@ -141,8 +177,9 @@ def run_local(sweep: dict, runs_dir: Path | None = None, *, jobs: int = 1, extra
                 wall = time.monotonic() - started
                 walls.append(wall)
                 run_dir = runs_dir / cells[index]["name"]
-                results[index] = _result(index, cells[index]["name"], run_dir, wall_s=wall,
-                                         rc=proc.returncode, skipped=False)
+                results[index] = _result(
+                    index, cells[index]["name"], run_dir, wall_s=wall, rc=proc.returncode, skipped=False
+                )
                 done += 1
                 remaining = len(start_queue) + len(running)
                 eta = sum(walls) / len(walls) * remaining / jobs if remaining else 0.0
@@ -156,15 +193,20 @@ def run_local(sweep: dict, runs_dir: Path | None = None, *, jobs: int = 1, extra
         for proc, _, log in running.values():
             proc.wait()
             log.close()
-        echo(f"interrupted: {len(running) + len(start_queue)} cells unfinished; run the same command "
-             "again to resume them")
+        echo(
+            f"interrupted: {len(running) + len(start_queue)} cells unfinished; run the same command "
+            "again to resume them"
+        )
 
     ordered = [results[i] for i in sorted(results)]
     counts: dict[str, int] = {}
     for r in ordered:
         counts[r.status] = counts.get(r.status, 0) + 1
-    echo(f"sweep {sweep['name']}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-         + f" of {total} cells in {runs_dir}")
+    echo(
+        f"sweep {sweep['name']}: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + f" of {total} cells in {runs_dir}"
+    )
     if interrupted:
         return 130, ordered
     ok = all(r.status in FINISHED for r in ordered) and len(ordered) == total

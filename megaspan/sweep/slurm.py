@@ -30,7 +30,8 @@ def checkout_root() -> Path:
     if not (root / "launch" / "slurm" / "sweep.sbatch").is_file():
         raise BackendError(
             f"launch/slurm/sweep.sbatch not found under {root}; run from a megaspan checkout "
-            "(pip install -e .) or export MEGASPAN_HOME=/path/to/megaspan")
+            "(pip install -e .) or export MEGASPAN_HOME=/path/to/megaspan"
+        )
     return root
 
 
@@ -51,30 +52,46 @@ def array_spec(indices: Sequence[int], limit: int | None = None) -> str:
     return ",".join(parts) + (f"%{limit}" if limit else "")
 
 
-def submit(sweep: dict, runs_dir: Path | None = None, *, extra: Sequence[str] = (),
-           sbatch_args: Sequence[str] = (), array_limit: int | None = None,
-           dry_run: bool = False) -> tuple[list[str], str | None, list[int]]:
+def submit(
+    sweep: dict,
+    runs_dir: Path | None = None,
+    *,
+    extra: Sequence[str] = (),
+    sbatch_args: Sequence[str] = (),
+    array_limit: int | None = None,
+    dry_run: bool = False,
+) -> tuple[list[str], str | None, list[int]]:
     """sbatch the unfinished cells; returns (command, job id or None when dry/nothing to do, indices)."""
     runs_dir = (Path(runs_dir) if runs_dir is not None else default_runs_dir(sweep)).resolve()
     pending = [c["index"] for c in sweep["cells"] if run_status(runs_dir / c["name"]) not in FINISHED]
     root = checkout_root()
     frozen = runs_dir / f"sweep.{time.strftime('%Y%m%d-%H%M%S')}.json"
-    cmd = ["sbatch", "--parsable", f"--array={array_spec(pending, array_limit)}",
-           f"--job-name=megaspan-sweep-{sweep['name']}",
-           f"--output={runs_dir}/slurm-logs/%x-%A_%a.out", "--requeue", "--signal=B:USR1@300",
-           *sbatch_args, str(root / "launch" / "slurm" / "sweep.sbatch"), str(frozen), *extra]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--array={array_spec(pending, array_limit)}",
+        f"--job-name=megaspan-sweep-{sweep['name']}",
+        f"--output={runs_dir}/slurm-logs/%x-%A_%a.out",
+        "--requeue",
+        "--signal=B:USR1@300",
+        *sbatch_args,
+        str(root / "launch" / "slurm" / "sweep.sbatch"),
+        str(frozen),
+        *extra,
+    ]
     if dry_run or not pending:
         return cmd, None, pending
     if shutil.which("sbatch") is None:
-        raise BackendError("sbatch not found: --slurm needs a Slurm login node (or run the sweep "
-                           "locally without --slurm)")
+        raise BackendError(
+            "sbatch not found: --slurm needs a Slurm login node (or run the sweep locally without --slurm)"
+        )
     freeze(sweep, frozen)
     (runs_dir / "slurm-logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MEGASPAN_HOME=str(root), MEGASPAN_SWEEP_DIR=str(runs_dir))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=120)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     if proc.returncode != 0:
-        raise BackendError(f"{shlex.join(cmd[:3])} ... failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
+        raise BackendError(
+            f"{shlex.join(cmd[:3])} ... failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+        )
     job_id = proc.stdout.strip().splitlines()[-1].split(";")[0] if proc.stdout.strip() else None
     return cmd, job_id, pending

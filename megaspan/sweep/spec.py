@@ -208,12 +208,17 @@ def expand(data: dict, source: str = "sweep", base_dir: Path | None = None) -> d
         # variant of the placement (e.g. dense vs moe8); the report keeps variants apart.
         variant = "-".join(p for k, p in zip(axis_keys, parts) if k not in NAME_PREFIX)
         if cell_name in seen:
-            raise SweepError(
-                f"{source}: cells {seen[cell_name]} and {index} both get the name {cell_name!r}"
-            )
+            raise SweepError(f"{source}: cells {seen[cell_name]} and {index} both get the name {cell_name!r}")
         seen[cell_name] = index
-        cells.append({"index": index, "name": cell_name, "overrides": overrides,
-                      "values": dict(zip(axis_keys, combo)), "variant": variant})
+        cells.append(
+            {
+                "index": index,
+                "name": cell_name,
+                "overrides": overrides,
+                "values": dict(zip(axis_keys, combo)),
+                "variant": variant,
+            }
+        )
     return {"name": name, "config": config, "cells": cells}
 
 

@@ -113,7 +113,9 @@ _ABSENT: dict[str, None] = dict.fromkeys(INPUT_KEYS + TARGET_KEYS)
 """The keys the forward step indexes, fed as None where this stage does not use them."""
 
 
-def _produce(dataset, indices: Iterator[range], keys, pin: bool, out: queue.Queue, stop: threading.Event) -> None:
+def _produce(
+    dataset, indices: Iterator[range], keys, pin: bool, out: queue.Queue, stop: threading.Event
+) -> None:
     """Background reader: collate micro-batches in order into ``out`` until exhausted or stopped."""
     try:
         for idx in indices:
@@ -182,8 +184,10 @@ class MicroBatches:
         self._stop = threading.Event()
         pin = device.type == "cuda"
         self._thread = threading.Thread(
-            target=_produce, args=(dataset, indices, self.keys, pin, self._queue, self._stop),
-            name="megaspan-prefetch", daemon=True,
+            target=_produce,
+            args=(dataset, indices, self.keys, pin, self._queue, self._stop),
+            name="megaspan-prefetch",
+            daemon=True,
         )
         # Stop the reader when this iterator is dropped (a seek or resume replaces it).
         self._finalizer = weakref.finalize(self, self._stop.set)
@@ -237,7 +241,10 @@ class MicroBatches:
             dist.broadcast_object_list(meta, src=self.tp_src, group=self.tp_group)
             self._meta = meta[0]
         if not self.reads:
-            batch = {k: torch.empty(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in self._meta.items()}
+            batch = {
+                k: torch.empty(shape, dtype=dtype, device=self.device)
+                for k, (shape, dtype) in self._meta.items()
+            }
         # Same key order on every rank: the dict order of the source's first batch.
         for key in self._meta:
             dist.broadcast(batch[key], src=self.tp_src, group=self.tp_group)
@@ -262,6 +269,12 @@ def micro_batches(
     micro-batches; None = the module's :data:`PREFETCH`.
     """
     return MicroBatches(
-        dataset, consumed_samples, micro_batch_size, dp_rank, dp_size, device,
-        vp_stage=vp_stage, prefetch=prefetch,
+        dataset,
+        consumed_samples,
+        micro_batch_size,
+        dp_rank,
+        dp_size,
+        device,
+        vp_stage=vp_stage,
+        prefetch=prefetch,
     )

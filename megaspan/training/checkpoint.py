@@ -70,7 +70,9 @@ class NonFiniteModelError(CheckpointError):
     (a ``UserError``): if nothing catches it, the CLI prints its one line and exits 2.
     """
 
-    def __init__(self, step: int, bad_tensors: int, total_tensors: int, aside: Path | None, latest: str | None):
+    def __init__(
+        self, step: int, bad_tensors: int, total_tensors: int, aside: Path | None, latest: str | None
+    ):
         self.step, self.aside = step, aside
         kept = f"kept aside as {aside}" if aside else "not written (a diverged-step_* copy already exists)"
         resume = f"the last finite checkpoint is {latest}" if latest else "no finite checkpoint exists yet"
@@ -164,9 +166,7 @@ def _crc32(path: Path) -> str:
 
 
 def _files(path: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != META_FILE
-    )
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != META_FILE)
 
 
 def _manifest(path: Path) -> dict[str, dict[str, Any]]:
@@ -174,7 +174,9 @@ def _manifest(path: Path) -> dict[str, dict[str, Any]]:
     files (CRC-32: zlib's runs at memory speed, and it is there to catch truncation and bit rot,
     not tampering)."""
     names = _gather(_files(path) if _rank() == 0 else None)[0]
-    mine = {n: {"size": (path / n).stat().st_size, "crc32": _crc32(path / n)} for n in names[_rank() :: _world()]}
+    mine = {
+        n: {"size": (path / n).stat().st_size, "crc32": _crc32(path / n)} for n in names[_rank() :: _world()]
+    }
     out: dict[str, dict[str, Any]] = {}
     for part in _gather(mine):
         out.update(part)
@@ -327,7 +329,9 @@ def _model_states(chunks: list) -> dict:
     checkpoint keys from Megatron itself (``hetereogenous_dist_checkpoint``, set in models/mcore_config.py),
     so the layouts stay reshardable without any rewriting here.
     """
-    return {f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)}
+    return {
+        f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)
+    }
 
 
 def _sharded_state_dict(
@@ -405,8 +409,17 @@ def _sync_save_strategy():
 
 # ---- errors ---------------------------------------------------------------------------------
 
-_FS_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
-              errno.EEXIST, errno.EIO}
+_FS_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EIO,
+}
 
 
 def _os_error(exc: BaseException | None, seen: set[int] | None = None) -> OSError | None:
@@ -472,7 +485,11 @@ def _nonfinite_counts(chunks: list) -> tuple[int, int]:
     """(non-finite, total) parameter tensors over all ranks (collective)."""
     device = _param_device(chunks)
     finite = [torch.isfinite(p.detach()).all() for chunk in chunks for p in chunk.parameters()]
-    bad = torch.stack(finite).logical_not().sum() if finite else torch.zeros((), dtype=torch.int64, device=device)
+    bad = (
+        torch.stack(finite).logical_not().sum()
+        if finite
+        else torch.zeros((), dtype=torch.int64, device=device)
+    )
     # One device->host sync for the whole model, not one per tensor.
     counts = torch.stack([bad.to(torch.int64), torch.tensor(len(finite), dtype=torch.int64, device=device)])
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -554,7 +571,11 @@ def save_checkpoint(
     if (error := _first_error(error)) is not None:
         raise RunDirError(error)
     state = _sharded_state_dict(
-        chunks, optimizer, scheduler, is_loading=False, with_rng=True,
+        chunks,
+        optimizer,
+        scheduler,
+        is_loading=False,
+        with_rng=True,
         extra={"step": step, "consumed_samples": progress.consumed_samples, "config": config},
     )
     try:
@@ -564,7 +585,9 @@ def save_checkpoint(
         local_error = None
         if _rank() == 0:
             try:
-                _commit(ckpt_dir, tmp, final, progress, optimizer, scheduler, manifest, tokenizer_hash, diverged)
+                _commit(
+                    ckpt_dir, tmp, final, progress, optimizer, scheduler, manifest, tokenizer_hash, diverged
+                )
                 if not diverged:
                     prune(ckpt_dir, keep_last, keep=final)
             except OSError as exc:
@@ -587,8 +610,15 @@ def save_checkpoint(
 
 
 def _commit(
-    ckpt_dir: Path, tmp: Path, final: Path, progress: Progress, optimizer, scheduler,
-    manifest: dict, tokenizer_hash: str | None, diverged: bool,
+    ckpt_dir: Path,
+    tmp: Path,
+    final: Path,
+    progress: Progress,
+    optimizer,
+    scheduler,
+    manifest: dict,
+    tokenizer_hash: str | None,
+    diverged: bool,
 ) -> None:
     meta = {
         "step": progress.step,
@@ -627,7 +657,9 @@ def prune(ckpt_dir: Path, keep_last: int | None, keep: Path) -> None:
 
 # ---- load -----------------------------------------------------------------------------------
 
-_SHAPE_MISMATCH = re.compile(r"Global shape mismatch for loaded \((.*?)\) and expected \((.*?)\) tensor for key (\S+)")
+_SHAPE_MISMATCH = re.compile(
+    r"Global shape mismatch for loaded \((.*?)\) and expected \((.*?)\) tensor for key (\S+)"
+)
 _MISSING_KEY = re.compile(r"[Mm]issing key[s]?[^:]*:?\s*(\S+)")
 
 
@@ -701,7 +733,9 @@ def _align_param_groups(loaded: Any, optimizer) -> None:
             groups = node.get("param_groups")
             if isinstance(groups, list):
                 for group in groups:
-                    if isinstance(group, dict) and (now := current.get(tuple(group.get(k) for k in structural))):
+                    if isinstance(group, dict) and (
+                        now := current.get(tuple(group.get(k) for k in structural))
+                    ):
                         group.update({k: now[k] for k in tunable if k in now})
             for value in node.values():
                 visit(value)
@@ -752,9 +786,7 @@ def load_checkpoint(
     # RNG states are per rank; after a world-size change there is no state to give a rank, so
     # it keeps its fresh seed (the model and optimizer still reshard exactly).
     with_rng = meta["world_size"] == _world()
-    template = _sharded_state_dict(
-        chunks, optimizer, scheduler, is_loading=True, with_rng=with_rng, extra={}
-    )
+    template = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=True, with_rng=with_rng, extra={})
     state = _load(template, path)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])

@@ -47,8 +47,12 @@ JSONL = "diagnostics.jsonl"
 
 # Activation columns (per layer; reduced over the model-parallel group) and their names: TB tag
 # component, JSON key.
-ACT_FIELDS = (("rms", "rms"), ("token_cos", "token_cosine"), ("angular_distance", "angular_distance"),
-              ("max_abs", "max_abs"))
+ACT_FIELDS = (
+    ("rms", "rms"),
+    ("token_cos", "token_cosine"),
+    ("angular_distance", "angular_distance"),
+    ("max_abs", "max_abs"),
+)
 # Parameter columns (sums of squares; reduced over all ranks with copy weights).
 GRAD_FIELDS = (("grad_attn", "attn_grad_norm"), ("grad_mlp", "mlp_grad_norm"))
 UPDATE_FIELDS = (("update_attn", "attn_update_ratio"), ("update_mlp", "mlp_update_ratio"))
@@ -157,8 +161,9 @@ class LayerDiagnostics:
             with torch.no_grad():
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 bias = getattr(router, "bias", None)
-                logits = torch.nn.functional.linear(x, router.weight.float(),
-                                                    None if bias is None else bias.float())
+                logits = torch.nn.functional.linear(
+                    x, router.weight.float(), None if bias is None else bias.float()
+                )
                 logp = torch.log_softmax(logits, dim=-1)
                 entropy = float(-(logp.exp() * logp).sum(-1).sum())
                 routing_map = output[1] if isinstance(output, tuple) and len(output) > 1 else None
@@ -167,8 +172,10 @@ class LayerDiagnostics:
                 else:  # fall back to the top-k of the logits
                     k = router.config.moe_router_topk
                     load = torch.zeros_like(logits[0]).index_add_(
-                        0, logits.topk(k, dim=-1).indices.flatten(), torch.ones(x.shape[0] * k))
+                        0, logits.topk(k, dim=-1).indices.flatten(), torch.ones(x.shape[0] * k)
+                    )
                 self._moe[layer_number] = (load.double().cpu(), entropy, x.shape[0])
+
         return hook
 
     def _param_sums(self, fn) -> torch.Tensor:
@@ -210,7 +217,7 @@ class LayerDiagnostics:
         flat = _world_sum(flat).cpu()
         acts = flat[:n_act].view_as(acts)
         grads = flat[n_act : n_act + grads.numel()].view_as(grads).sqrt()
-        moe = flat[n_act + grads.numel():].view_as(moe)
+        moe = flat[n_act + grads.numel() :].view_as(moe)
         self.armed = False
 
         self.record: dict[int, dict[str, object]] = {}
@@ -239,7 +246,8 @@ class LayerDiagnostics:
         """Before the optimizer step: keep the attention/MLP weight matrices (armed steps only)."""
         self._before = {
             id(p): p.detach().float().clone()
-            for layer in self.layers for name, p in layer.named_parameters()
+            for layer in self.layers
+            for name, p in layer.named_parameters()
             if _column(name) is not None and p.dim() >= 2
         }
 
@@ -309,6 +317,9 @@ def write_record(run_dir: Path, step: int, layers: dict[int, dict[str, object]])
             return [clean(v) for v in value]
         return value
 
-    record = {"step": step, "layers": {str(n): {k: clean(v) for k, v in row.items()} for n, row in layers.items()}}
+    record = {
+        "step": step,
+        "layers": {str(n): {k: clean(v) for k, v in row.items()} for n, row in layers.items()},
+    }
     with open(run_dir / JSONL, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -26,5 +26,9 @@ def test_pp2_global_layer_indices_and_cross_stage_reduction():
             assert values[f"diag/grad_attn/layer_{n:03d}"] == pytest.approx(n * math.sqrt(attn))
             assert values[f"diag/grad_mlp/layer_{n:03d}"] == pytest.approx(n * math.sqrt(mlp))
             # weights scaled by (1 + n/100): the update-to-weight ratio is exactly n/100.
-            assert values[f"diag/update_attn/layer_{n:03d}"] == pytest.approx(n / 100, rel=1e-5)  # fp32 weights
-            assert values[f"diag/update_mlp/layer_{n:03d}"] == pytest.approx(n / 100, rel=1e-5)  # fp32 weights
+            assert values[f"diag/update_attn/layer_{n:03d}"] == pytest.approx(
+                n / 100, rel=1e-5
+            )  # fp32 weights
+            assert values[f"diag/update_mlp/layer_{n:03d}"] == pytest.approx(
+                n / 100, rel=1e-5
+            )  # fp32 weights

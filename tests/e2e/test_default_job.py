@@ -25,8 +25,12 @@ def test_default_job_learns(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "megaspan", "train"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "megaspan", "train"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     wall = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-3000:]

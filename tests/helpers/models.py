@@ -54,10 +54,14 @@ def tiny_cfg(placement: str = "spannorm", moe: bool = False, **kwargs):
     return load_config(None, tiny_overrides(placement, moe, **kwargs))
 
 
-def stack_cfg(placement: str = "spannorm", moe: bool = False, norm: str = "RMSNorm", extra: Iterable[str] = ()):
+def stack_cfg(
+    placement: str = "spannorm", moe: bool = False, norm: str = "RMSNorm", extra: Iterable[str] = ()
+):
     """Tiny config for tests that run the decoder stack directly, like the reference stack: 8 tokens
     and no position embedding (the reference has none)."""
-    return tiny_cfg(placement, moe, seq_length=8, norm=norm, extra=("model.position_embedding_type=none", *extra))
+    return tiny_cfg(
+        placement, moe, seq_length=8, norm=norm, extra=("model.position_embedding_type=none", *extra)
+    )
 
 
 # `megaspan plan` inputs: a vocab size (no tokenizer needed) and a batch every tested layout divides.

@@ -29,16 +29,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     env.update(NPROC="2", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
     return env
 
 
 def _start(run: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["bash", str(TORCHRUN_SH), "--config", "tiny", f"training.run_dir={run}", "logging.log_interval=1",
-         "training.eval_interval=100000", *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+        [
+            "bash",
+            str(TORCHRUN_SH),
+            "--config",
+            "tiny",
+            f"training.run_dir={run}",
+            "logging.log_interval=1",
+            "training.eval_interval=100000",
+            *overrides,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
         start_new_session=True,  # = setsid: the launcher leads its own process group
     )
 
@@ -125,7 +138,9 @@ def test_kill_9_of_a_rank_leaves_no_helper_processes(tmp_path: Path) -> None:
     try:
         _read_until(proc, r"saved checkpoint .*step_0000002", lines)
         ranks = psutil.Process(proc.pid).children(recursive=True)
-        megaspan_ranks = [p for p in ranks if "training.run_dir" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
+        megaspan_ranks = [
+            p for p in ranks if "training.run_dir" in " ".join(p.cmdline()) and p.ppid() != proc.pid
+        ]
         assert len(megaspan_ranks) == 2, [p.cmdline() for p in ranks]
         # Every process a rank started (the old writer's Manager and its resource tracker).
         helpers = [c for r in megaspan_ranks for c in r.children(recursive=True)]
@@ -140,8 +155,18 @@ def test_kill_9_of_a_rank_leaves_no_helper_processes(tmp_path: Path) -> None:
 
 
 def _cli(run: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "megaspan", "train", "--config", "tiny", f"training.run_dir={run}",
-            "logging.log_interval=1", "training.eval_interval=100000", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "megaspan",
+        "train",
+        "--config",
+        "tiny",
+        f"training.run_dir={run}",
+        "logging.log_interval=1",
+        "training.eval_interval=100000",
+        *overrides,
+    ]
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background-from-script"])
@@ -153,8 +178,9 @@ def test_sigint_to_megaspan_train_checkpoints_and_exits_130(tmp_path: Path, back
     cmd = _cli(run, "training.steps=3000", "checkpoint.save_interval=1000")
     if background:
         script = " ".join(f"'{c}'" for c in cmd) + " & echo PID=$!; wait $!"
-        proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            ["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
     else:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []

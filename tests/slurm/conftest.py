@@ -22,7 +22,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 TERMINAL = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
     "DEADLINE",
 }
 USABLE_NODE_STATES = {"idle", "mix", "alloc", "comp"}
@@ -44,11 +50,14 @@ class Slurm:
     env: dict[str, str]
     submitted: list[str] = field(default_factory=list)
 
-    def run(self, cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: list[str], timeout: float = 60, check: bool = True, **kw
+    ) -> subprocess.CompletedProcess:
         env = dict(self.env)
         env.update(kw.pop("env", {}) or {})
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, **kw)
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{shlex.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -140,8 +149,14 @@ def slurm_session():
         if key.startswith("SLURM_") and key != "SLURM_CONF":
             env.pop(key)
     try:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=env, capture_output=True,
-                              text=True, timeout=15, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%t"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"{hint} (sinfo: {exc})")
     states = set(proc.stdout.split())

@@ -59,10 +59,22 @@ def main(argv: list[str]) -> int:
         "env": {
             k: os.environ.get(k)
             for k in (
-                "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
-                "SLURM_RESTART_COUNT", "SLURM_ARRAY_TASK_ID", "OMP_NUM_THREADS",
-                "PYTHONUNBUFFERED", "CUDA_DEVICE_MAX_CONNECTIONS", "TRITON_CACHE_DIR",
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "NODE_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "SLURM_PROCID",
+                "SLURM_NTASKS",
+                "SLURM_LOCALID",
+                "SLURM_JOB_ID",
+                "SLURM_RESTART_COUNT",
+                "SLURM_ARRAY_TASK_ID",
+                "OMP_NUM_THREADS",
+                "PYTHONUNBUFFERED",
+                "CUDA_DEVICE_MAX_CONNECTIONS",
+                "TRITON_CACHE_DIR",
             )
         },
     }
@@ -81,8 +93,11 @@ def main(argv: list[str]) -> int:
         print(f"probe rank {rank}: got {got['signal']}", flush=True)
 
     (out / f"restart{restart}-rank{rank}.json").write_text(json.dumps(record, indent=1))
-    print(f"probe rank {rank}/{world}: all_reduce={t.item()} master="
-          f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
+    print(
+        f"probe rank {rank}/{world}: all_reduce={t.item()} master="
+        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+        flush=True,
+    )
     dist.barrier()
     dist.destroy_process_group()
     # Like the trainer's PreemptionFlag.restore(): back to the inherited disposition (SIG_IGN

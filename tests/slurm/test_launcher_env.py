@@ -31,9 +31,18 @@ def _probe_env(runs: Path, **extra: str) -> dict[str, str]:
 def _sbatch(slurm, tmp_path: Path, *args: str, env: dict[str, str], name: str = "probe") -> tuple[str, Path]:
     log = tmp_path / f"{name}.out"
     job = slurm.submit(
-        ["sbatch", "--parsable", f"--job-name={name}", "--ntasks=2", "--time=10",
-         f"--output={log}", str(TRAIN_SBATCH), *args],
-        env=env, cwd=tmp_path,
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            "--ntasks=2",
+            "--time=10",
+            f"--output={log}",
+            str(TRAIN_SBATCH),
+            *args,
+        ],
+        env=env,
+        cwd=tmp_path,
     )
     return job, log
 
@@ -45,8 +54,7 @@ def _records(run_dir: Path, restart: int) -> list[dict]:
 
 def test_rank_env_and_gloo_allreduce(slurm, tmp_path):
     runs = tmp_path / "runs"
-    job, log = _sbatch(slurm, tmp_path, "--config", "recipe.yaml", "model.num_layers=2",
-                       env=_probe_env(runs))
+    job, log = _sbatch(slurm, tmp_path, "--config", "recipe.yaml", "model.num_layers=2", env=_probe_env(runs))
     (rec,) = slurm.wait(job, timeout=180, log=log)
     assert rec["JobState"] == "COMPLETED", log.read_text()
     assert rec["ExitCode"] == "0:0"
@@ -70,8 +78,13 @@ def test_rank_env_and_gloo_allreduce(slurm, tmp_path):
         assert env["CUDA_DEVICE_MAX_CONNECTIONS"] is None
         assert env["TRITON_CACHE_DIR"].endswith("_0")
         # User arguments first and unchanged, then what the launcher adds.
-        assert r["argv"] == ["--config", "recipe.yaml", "model.num_layers=2",
-                             f"training.run_dir={run_dir}", "checkpoint.resume=auto"]
+        assert r["argv"] == [
+            "--config",
+            "recipe.yaml",
+            "model.num_layers=2",
+            f"training.run_dir={run_dir}",
+            "checkpoint.resume=auto",
+        ]
     text = log.read_text()
     assert "0: probe rank 0/2" in text and "1: probe rank 1/2" in text  # srun --label
     assert (run_dir / "slurm" / f"job-{job}-restart-0.txt").exists()
@@ -79,8 +92,13 @@ def test_rank_env_and_gloo_allreduce(slurm, tmp_path):
 
 def test_user_run_dir_and_resume_are_respected(slurm, tmp_path):
     run_dir = tmp_path / "mine"
-    job, log = _sbatch(slurm, tmp_path, f"training.run_dir={run_dir}", "checkpoint.resume=none",
-                       env=_probe_env(tmp_path / "runs"))
+    job, log = _sbatch(
+        slurm,
+        tmp_path,
+        f"training.run_dir={run_dir}",
+        "checkpoint.resume=none",
+        env=_probe_env(tmp_path / "runs"),
+    )
     (rec,) = slurm.wait(job, timeout=180, log=log)
     assert rec["JobState"] == "COMPLETED", log.read_text()
     recs = _records(run_dir, 0)
@@ -93,8 +111,11 @@ def _submit_waiting_probe(slurm, tmp_path, **extra_env):
     runs = tmp_path / "runs"
     job, log = _sbatch(slurm, tmp_path, env=_probe_env(runs, PROBE_WAIT_SIGNAL="1", **extra_env))
     run_dir = runs / f"probe-{job}"
-    wait_for(lambda: len(list((run_dir / "probe").glob("ready-rank*"))) == 2, 120,
-             f"both probe ranks of job {job} to start ({log})")
+    wait_for(
+        lambda: len(list((run_dir / "probe").glob("ready-rank*"))) == 2,
+        120,
+        f"both probe ranks of job {job} to start ({log})",
+    )
     return job, log, run_dir
 
 
@@ -148,11 +169,27 @@ def test_real_time_limit_warning_reaches_ranks_that_are_still_starting(slurm, tm
     ignored until their handler is installed) and still get it (the batch shell re-sends it)."""
     runs = tmp_path / "runs"
     log = tmp_path / "tl.out"
-    env = _probe_env(runs, PROBE_WAIT_SIGNAL="1", PROBE_HANDLER_DELAY="15",
-                     MEGASPAN_SIGNAL_REPEAT="5", MEGASPAN_MAX_REQUEUES="1")
-    job = slurm.submit(["sbatch", "--parsable", "--job-name=tl", "--ntasks=2", "--time=2",
-                        "--signal=B:USR1@110", f"--output={log}", str(TRAIN_SBATCH)],
-                       env=env, cwd=tmp_path)
+    env = _probe_env(
+        runs,
+        PROBE_WAIT_SIGNAL="1",
+        PROBE_HANDLER_DELAY="15",
+        MEGASPAN_SIGNAL_REPEAT="5",
+        MEGASPAN_MAX_REQUEUES="1",
+    )
+    job = slurm.submit(
+        [
+            "sbatch",
+            "--parsable",
+            "--job-name=tl",
+            "--ntasks=2",
+            "--time=2",
+            "--signal=B:USR1@110",
+            f"--output={log}",
+            str(TRAIN_SBATCH),
+        ],
+        env=env,
+        cwd=tmp_path,
+    )
     (rec,) = slurm.wait(job, timeout=300, log=log)
     text = log.read_text()
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text

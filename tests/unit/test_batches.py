@@ -39,7 +39,9 @@ class Samples:
             raise ValueError(f"bad sample {i}")
         base = torch.arange(SEQ + 1) + 100 * i
         return {
-            "tokens": base[:-1], "labels": base[1:], "loss_mask": torch.ones(SEQ),
+            "tokens": base[:-1],
+            "labels": base[1:],
+            "loss_mask": torch.ones(SEQ),
             "position_ids": torch.arange(SEQ),
         }
 
@@ -74,7 +76,7 @@ def test_read_ahead_yields_the_plain_loop_batches_from_any_position(consumed):
     assert plain[0]["tokens"][0, 0].item() == 100 * (consumed + 2)
     # Resuming at a later position gives the tail of the uninterrupted sequence.
     full = _drain(B.MicroBatches(ds, 0, 2, 1, 2, CPU, prefetch=2, keys=None))
-    assert _same(full[consumed // 4:], ahead)
+    assert _same(full[consumed // 4 :], ahead)
 
 
 def test_stage_keys_feed_none_for_unused_keys():
@@ -131,8 +133,10 @@ def _tp_pp_job(rank: int, world: int, layout: str) -> list[dict]:
     from megaspan.config.schema import ParallelConfig
     from megaspan.runtime import initialize_model_parallel
 
-    par = ParallelConfig(tensor_model_parallel_size=2) if layout == "tp2" else ParallelConfig(
-        pipeline_model_parallel_size=2
+    par = (
+        ParallelConfig(tensor_model_parallel_size=2)
+        if layout == "tp2"
+        else ParallelConfig(pipeline_model_parallel_size=2)
     )
     initialize_model_parallel(par, seed=1)
     # TP: rank 1 would fail on any read; it must get everything by broadcast.

@@ -17,9 +17,25 @@ from megaspan.bench import report
 from megaspan.bench.flops import peak_tflops, step_flops
 
 ROW_KEYS = {
-    "model", "kind", "placement", "precision", "backend", "times_s", "step_time_s", "iqr_s", "min_s",
-    "tokens_per_step", "tokens_per_s", "ratio_to_pre", "ratio_to_stock", "tflops", "mfu",
-    "max_memory_gib", "num_params", "flops_per_step", "final_loss",
+    "model",
+    "kind",
+    "placement",
+    "precision",
+    "backend",
+    "times_s",
+    "step_time_s",
+    "iqr_s",
+    "min_s",
+    "tokens_per_step",
+    "tokens_per_s",
+    "ratio_to_pre",
+    "ratio_to_stock",
+    "tflops",
+    "mfu",
+    "max_memory_gib",
+    "num_params",
+    "flops_per_step",
+    "final_loss",
 }
 
 
@@ -42,10 +58,21 @@ def _main(argv: list[str]) -> int:
 @pytest.mark.slow
 def test_cpu_small_two_placements_plus_stock(single_process_group, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = _main([
-        "bench", "--preset", "cpu-small", "--placements", "pre,spannorm",
-        "--warmup", "1", "--repeats", "2", "--json", str(out),
-    ])
+    rc = _main(
+        [
+            "bench",
+            "--preset",
+            "cpu-small",
+            "--placements",
+            "pre,spannorm",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     meta = doc["meta"]
@@ -84,8 +111,14 @@ def test_cpu_small_two_placements_plus_stock(single_process_group, tmp_path, cap
 
 def _row(model, kind, times, placement=None, precision="fp32"):
     return report.Row(
-        model=model, kind=kind, placement=placement or ("pre" if kind != "megaspan" else model),
-        precision=precision, backend="local", times_s=times, tokens_per_step=100, num_params=1,
+        model=model,
+        kind=kind,
+        placement=placement or ("pre" if kind != "megaspan" else model),
+        precision=precision,
+        backend="local",
+        times_s=times,
+        tokens_per_step=100,
+        num_params=1,
         flops_per_step=2e12,
     )
 
@@ -122,15 +155,35 @@ def test_step_flops_matches_megatron_formula_by_hand():
     # 1 sequence of 8 tokens, 1 layer, h=4, 2 heads (MHA), GeLU FFN 16, vocab 10.
     # per token: 6 * [4*(4+4+4) + 4*4 + 4*8/2*2 + 2*4*16] + 6*4*10 = 6*(48+16+32+128) + 240
     expected = 8 * (6 * (48 + 16 + 32 + 128) + 240)
-    assert step_flops(
-        sequences=1, seq_length=8, num_layers=1, hidden_size=4, num_attention_heads=2,
-        num_query_groups=None, kv_channels=None, ffn_hidden_size=16, swiglu=False, padded_vocab_size=10,
-    ) == expected
+    assert (
+        step_flops(
+            sequences=1,
+            seq_length=8,
+            num_layers=1,
+            hidden_size=4,
+            num_attention_heads=2,
+            num_query_groups=None,
+            kv_channels=None,
+            ffn_hidden_size=16,
+            swiglu=False,
+            padded_vocab_size=10,
+        )
+        == expected
+    )
     # MoE top-2 of expert FFN 16 with SwiGLU: the FFN term is 3 * h * (16 * 2).
     moe = step_flops(
-        sequences=1, seq_length=8, num_layers=1, hidden_size=4, num_attention_heads=2,
-        num_query_groups=None, kv_channels=None, ffn_hidden_size=99, swiglu=True, padded_vocab_size=10,
-        moe_topk=2, moe_ffn_hidden_size=16,
+        sequences=1,
+        seq_length=8,
+        num_layers=1,
+        hidden_size=4,
+        num_attention_heads=2,
+        num_query_groups=None,
+        kv_channels=None,
+        ffn_hidden_size=99,
+        swiglu=True,
+        padded_vocab_size=10,
+        moe_topk=2,
+        moe_ffn_hidden_size=16,
     )
     assert moe == 8 * (6 * (48 + 16 + 32 + 3 * 4 * 32) + 240)
 

@@ -28,8 +28,9 @@ def test_stdlib_splits_are_deterministic_nonempty_and_disjoint_by_file():
     assert train == sorted(train) and valid == sorted(valid)
     assert len(valid) > 0 and len(train) > 20 * len(valid)  # ~2 % held out
     assert not set(train) & set(valid)
-    assert not any(part in ("test", "tests", "site-packages") for rel in train + valid
-                   for part in rel.split("/")[:-1])
+    assert not any(
+        part in ("test", "tests", "site-packages") for rel in train + valid for part in rel.split("/")[:-1]
+    )
     docs = list(stdlib_documents("valid"))
     assert docs and all(isinstance(d, str) and d for d in docs)
     assert docs == list(stdlib_documents("valid"))
@@ -55,10 +56,12 @@ def test_txt_is_one_document_and_jsonl_uses_text_key(tmp_path):
 
 @pytest.mark.parametrize(
     "name, content, fragment",
-    [("missing.txt", None, "not found"),
-     ("bad.jsonl", '{"text": 1}\n', "bad.jsonl:1"),
-     ("bad2.jsonl", "{nope\n", "invalid JSON"),
-     ("data.csv", "a,b\n", "unsupported")],
+    [
+        ("missing.txt", None, "not found"),
+        ("bad.jsonl", '{"text": 1}\n', "bad.jsonl:1"),
+        ("bad2.jsonl", "{nope\n", "invalid JSON"),
+        ("data.csv", "a,b\n", "unsupported"),
+    ],
 )
 def test_reader_errors_are_one_line(tmp_path, name, content, fragment):
     path = tmp_path / name

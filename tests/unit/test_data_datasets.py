@@ -24,8 +24,7 @@ WORDS_B = ["nut", "opus", "pyx", "quartz", "stow", "ruz", "vox"]  # letters n..z
 
 def _documents(words: list[str], count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "\n"
-            for _ in range(count)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "\n" for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,9 @@ def setup(tmp_path_factory):
 
 def test_gpt_samples_keys_shapes_and_eod_placement(setup):
     root, tok, docs_a, _, _ = setup
-    cfg = DataConfig(paths=[str(root / "a")], split="90,10,0", cache_dir=str(root / "cache"),
-                     eod_mask_loss=True)
+    cfg = DataConfig(
+        paths=[str(root / "a")], split="90,10,0", cache_dir=str(root / "cache"), eod_mask_loss=True
+    )
     seq = 128  # several whole documents per sample
     train, valid, test = build_datasets(cfg, tok, seq_length=seq, seed=7, num_samples=(200, 20, 0))
     assert test is None and len(train) >= 200 and len(valid) >= 20
@@ -73,8 +73,12 @@ def test_gpt_samples_keys_shapes_and_eod_placement(setup):
 
 def test_blend_honours_weights(setup):
     root, tok, _, only_a, only_b = setup
-    cfg = DataConfig(paths=[str(root / "a"), str(root / "b")], weights=[0.7, 0.3],
-                     split="100,0,0", cache_dir=str(root / "cache"))
+    cfg = DataConfig(
+        paths=[str(root / "a"), str(root / "b")],
+        weights=[0.7, 0.3],
+        split="100,0,0",
+        cache_dir=str(root / "cache"),
+    )
     train, _, _ = build_datasets(cfg, tok, seq_length=16, seed=3, num_samples=(3000, 0, 0))
     assert len(train) >= 3000
     origins = Counter()
@@ -91,8 +95,7 @@ def test_blend_honours_weights(setup):
 def test_default_corpus_uses_held_out_valid_prefix(tmp_path):
     data_cfg = DataConfig(cache_dir=str(tmp_path))
     tok = build_tokenizer(TokenizerConfig(vocab_size=512, max_train_sentences=2000), data_cfg)
-    train, valid, test = build_datasets(data_cfg, tok, seq_length=64, seed=1,
-                                        num_samples=(100, 10, 5))
+    train, valid, test = build_datasets(data_cfg, tok, seq_length=64, seed=1, num_samples=(100, 10, 5))
     assert test is None and len(train) >= 100 and len(valid) >= 10
     assert "stdlib" in train.dataset_path and train.dataset_path.endswith("/train")
     assert valid.dataset_path.endswith("/valid")
@@ -105,20 +108,21 @@ def test_default_corpus_uses_held_out_valid_prefix(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides, fragment",
-    [({"paths": ["{root}/missing"]}, "missing.bin and {root}/missing.idx not found"),
-     ({"paths": ["{root}/a", "{root}/b"], "weights": [1.0]}, "data.weights has 1 entries"),
-     ({"paths": ["{root}/a"], "weights": [0.0]}, "positive"),
-     ({"weights": [1.0]}, "data.paths is empty"),
-     ({"paths": ["{root}/tiny"], "split": "98,2,0"}, "the valid split gets none"),
-     ({"paths": ["{root}/a"], "split": "train"}, "data.split"),
-     ({"paths": ["{root}/a.bin"]}, "without .bin/.idx")],
+    [
+        ({"paths": ["{root}/missing"]}, "missing.bin and {root}/missing.idx not found"),
+        ({"paths": ["{root}/a", "{root}/b"], "weights": [1.0]}, "data.weights has 1 entries"),
+        ({"paths": ["{root}/a"], "weights": [0.0]}, "positive"),
+        ({"weights": [1.0]}, "data.paths is empty"),
+        ({"paths": ["{root}/tiny"], "split": "98,2,0"}, "the valid split gets none"),
+        ({"paths": ["{root}/a"], "split": "train"}, "data.split"),
+        ({"paths": ["{root}/a.bin"]}, "without .bin/.idx"),
+    ],
 )
 def test_bad_inputs_raise_one_line_data_error(setup, overrides, fragment):
     root, tok, _, _, _ = setup
     if not (root / "tiny.bin").exists():
         preprocess_documents(["x\n", "y\n", "z\n"], tok, root / "tiny", progress=False)
-    fields = {k: [p.format(root=root) for p in v] if k == "paths" else v
-              for k, v in overrides.items()}
+    fields = {k: [p.format(root=root) for p in v] if k == "paths" else v for k, v in overrides.items()}
     cfg = DataConfig(cache_dir=str(root / "cache"), **fields)
     with pytest.raises(DataError) as info:
         build_datasets(cfg, tok, seq_length=16, seed=1, num_samples=(10, 10, 0))
@@ -158,8 +162,7 @@ def _two_rank_worker(rank: int, port: int, cache: str, model: str, out_dir: str)
     try:
         data_cfg = DataConfig(cache_dir=cache)
         tok = build_tokenizer(TokenizerConfig(model=model), data_cfg)
-        train, valid, _ = build_datasets(data_cfg, tok, seq_length=32, seed=5,
-                                         num_samples=(64, 8, 0))
+        train, valid, _ = build_datasets(data_cfg, tok, seq_length=32, seed=5, num_samples=(64, 8, 0))
         result = {"tokens": train[3]["tokens"].tolist(), "valid": len(valid)}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -200,7 +203,9 @@ def test_index_cache_builds_of_concurrent_jobs_are_serialized(setup, tmp_path):
     with open(lock_path, "w") as other_job:
         fcntl.flock(other_job, fcntl.LOCK_EX)
         worker = threading.Thread(
-            target=lambda: result.update(ds=build_datasets(cfg, tok, seq_length=16, seed=3, num_samples=(20, 2, 0)))
+            target=lambda: result.update(
+                ds=build_datasets(cfg, tok, seq_length=16, seed=3, num_samples=(20, 2, 0))
+            )
         )
         worker.start()
         time.sleep(2.0)

@@ -15,8 +15,12 @@ from megaspan.data.tokenizer import train_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return train_tokenizer(stdlib_corpus("train"), vocab_size=512, max_train_sentences=2000,
-                           cache_dir=tmp_path_factory.mktemp("cache"))
+    return train_tokenizer(
+        stdlib_corpus("train"),
+        vocab_size=512,
+        max_train_sentences=2000,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
 
 
 def _decoded(prefix, tokenizer) -> list[str]:
@@ -33,8 +37,11 @@ def test_stdlib_roundtrip_identical_for_1_and_2_workers(tmp_path, tokenizer):
     docs = list(stdlib_documents("valid"))
     one = preprocess_documents(docs, tokenizer, tmp_path / "w1", workers=1, progress=False)
     two = preprocess_documents(docs, tokenizer, tmp_path / "w2", workers=2, progress=True)
-    assert (one.documents, one.tokens) == (two.documents, two.tokens) == (
-        len(docs), sum(len(tokenizer.tokenize(d)) + 1 for d in docs))
+    assert (
+        (one.documents, one.tokens)
+        == (two.documents, two.tokens)
+        == (len(docs), sum(len(tokenizer.tokenize(d)) + 1 for d in docs))
+    )
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
     assert _decoded(tmp_path / "w2", tokenizer) == docs
@@ -47,11 +54,19 @@ def test_files_roundtrip_and_progress_on_stderr(tmp_path, tokenizer, capsys):
         "".join(json.dumps({"content": t}) + "\n" for t in ["é 日本", "", "x = 1\r\n"]),
         encoding="utf-8",
     )
-    stats = preprocess_files([tmp_path / "a.txt", tmp_path / "b.jsonl"], tokenizer,
-                             tmp_path / "out" / "mix", text_key="content", workers=2)
+    stats = preprocess_files(
+        [tmp_path / "a.txt", tmp_path / "b.jsonl"],
+        tokenizer,
+        tmp_path / "out" / "mix",
+        text_key="content",
+        workers=2,
+    )
     assert stats.documents == 3  # the empty jsonl text is skipped
     assert _decoded(tmp_path / "out" / "mix", tokenizer) == [
-        "first\n\n  second paragraph\t\n", "é 日本", "x = 1\r\n"]
+        "first\n\n  second paragraph\t\n",
+        "é 日本",
+        "x = 1\r\n",
+    ]
     assert "3 docs" in capsys.readouterr().err
 
 

@@ -21,6 +21,7 @@ def run_step(placement, armed_step=10, interval=5, extra=(), moe=False, capture=
     diag = LayerDiagnostics(built.chunks, L, interval)
     if capture is not None:
         capture["model"] = model
+
         def keep(mod, args, kwargs, out) -> None:  # returns None: the output is left alone
             x_in = kwargs.get("hidden_states", args[0] if args else None)
             y = out[0] if isinstance(out, tuple) else out
@@ -40,10 +41,10 @@ def run_step(placement, armed_step=10, interval=5, extra=(), moe=False, capture=
 def test_keys_and_grad_norms(mcore):
     values, _ = run_step("pre")
     assert len(values) == 6 * L  # rms, token_cos, angular_distance, max_abs, grad_attn, grad_mlp
-    for l in range(1, L + 1):
-        assert values[f"diag/grad_attn/layer_{l:03d}"] > 0
-        assert values[f"diag/grad_mlp/layer_{l:03d}"] > 0
-        assert -1.0 <= values[f"diag/token_cos/layer_{l:03d}"] <= 1.0
+    for layer in range(1, L + 1):
+        assert values[f"diag/grad_attn/layer_{layer:03d}"] > 0
+        assert values[f"diag/grad_mlp/layer_{layer:03d}"] > 0
+        assert -1.0 <= values[f"diag/token_cos/layer_{layer:03d}"] <= 1.0
 
 
 @pytest.mark.parametrize("placement", ["post", "b2t", "spannorm", "deepnorm"])
@@ -51,13 +52,13 @@ def test_post_norm_stream_has_unit_rms(mcore, placement):
     """RMSNorm with unit gain at init: every layer's output has RMS 1 (exactly, once eps cannot
     matter: SpanNorm's block 0 normalizes the small raw embedding plus a small branch)."""
     values, _ = run_step(placement, extra=("model.layernorm_epsilon=1e-12",))
-    for l in range(1, L + 1):
-        assert values[f"diag/rms/layer_{l:03d}"] == pytest.approx(1.0, rel=1e-4)
+    for layer in range(1, L + 1):
+        assert values[f"diag/rms/layer_{layer:03d}"] == pytest.approx(1.0, rel=1e-4)
 
 
 def test_pre_norm_stream_is_not_normalized(mcore):
     values, _ = run_step("pre")
-    assert all(abs(values[f"diag/rms/layer_{l:03d}"] - 1.0) > 1e-2 for l in range(1, L + 1))
+    assert all(abs(values[f"diag/rms/layer_{layer:03d}"] - 1.0) > 1e-2 for layer in range(1, L + 1))
 
 
 def test_not_armed_records_nothing(mcore):
@@ -97,10 +98,16 @@ def test_angular_distance_max_abs_and_grads_match_direct_computation(mcore, plac
         assert values[f"diag/angular_distance/layer_{n_:03d}"] == pytest.approx(_direct_angle(x, y), abs=1e-5)
         assert values[f"diag/max_abs/layer_{n_:03d}"] == pytest.approx(float(y.abs().max()), rel=1e-6)
         assert values[f"diag/rms/layer_{n_:03d}"] == pytest.approx(float(y.pow(2).mean().sqrt()), rel=1e-6)
-        attn = sum(float(p.grad.pow(2).sum()) for n, p in layer.named_parameters()
-                   if n.startswith("self_attention.") and p.grad is not None)
-        mlp = sum(float(p.grad.pow(2).sum()) for n, p in layer.named_parameters()
-                  if n.startswith("mlp.") and p.grad is not None)
+        attn = sum(
+            float(p.grad.pow(2).sum())
+            for n, p in layer.named_parameters()
+            if n.startswith("self_attention.") and p.grad is not None
+        )
+        mlp = sum(
+            float(p.grad.pow(2).sum())
+            for n, p in layer.named_parameters()
+            if n.startswith("mlp.") and p.grad is not None
+        )
         assert values[f"diag/grad_attn/layer_{n_:03d}"] == pytest.approx(math.sqrt(attn), rel=1e-6)
         assert values[f"diag/grad_mlp/layer_{n_:03d}"] == pytest.approx(math.sqrt(mlp), rel=1e-6)
         row = diag.record[n_]
@@ -167,6 +174,7 @@ def test_moe_router_entropy_direct(mcore):
     def keep(n):
         def hook(mod, args, out) -> None:  # returns None: the routing is left alone
             seen.setdefault(n, (args[0].detach(), out))
+
         return hook
 
     for layer in diag.layers:

@@ -66,7 +66,11 @@ def compare(cfg) -> tuple[bool, list[str]]:
     g_grads = gpt_to_hybrid_state_dict(g_grads)
     diff = sorted(set(g_grads) ^ set(h_grads))  # a norm that got no gradient in one of them
     diff += [n for n in g_grads if n in h_grads and not torch.equal(g_grads[n], h_grads[n])]
-    diff += [name for name, a, b in (("logits", g_logits, h_logits), ("loss", g_loss, h_loss)) if not torch.equal(a, b)]
+    diff += [
+        name
+        for name, a, b in (("logits", g_logits, h_logits), ("loss", g_loss, h_loss))
+        if not torch.equal(a, b)
+    ]
     return same_init, diff
 
 
@@ -82,8 +86,11 @@ def test_hybrid_equals_gpt_bitwise(mcore, placement, moe, norm):
 @pytest.mark.parametrize(
     "extra",
     [
-        ("model.norm.span_include_attn_term=true", "model.norm.span_include_y_term=true",
-         "model.norm.span_residual_alpha=0.5"),
+        (
+            "model.norm.span_include_attn_term=true",
+            "model.norm.span_include_y_term=true",
+            "model.norm.span_residual_alpha=0.5",
+        ),
         ("model.norm.span_branch_init=b2t",),
     ],
     ids=["switches", "b2t-init"],
@@ -159,12 +166,14 @@ def test_pattern_for_matches_gpt_stage_split():
     config = transformer_config(cfg, placement_for(cfg), cuda=False)
     assert pattern_for(config) == "*E*-*E*-"
     assert pattern_for(replace(config, pipeline_model_parallel_size=2)) == "*E*-|*E*-"
-    assert pattern_for(
-        replace(config, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
-    ) == "*E|*-|*E|*-"
-    assert pattern_for(
-        replace(config, pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=3)
-    ) == "*E*-*E|*-"
+    assert (
+        pattern_for(replace(config, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2))
+        == "*E|*-|*E|*-"
+    )
+    assert (
+        pattern_for(replace(config, pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=3))
+        == "*E*-*E|*-"
+    )
 
 
 @pytest.mark.parametrize(
@@ -207,8 +216,11 @@ def test_block_recompute_refused_for_block_spanning_placements(placement):
     from megaspan.config import validate
     from megaspan.errors import ConfigError
 
-    recompute = ("parallel.recompute_granularity=full", "parallel.recompute_method=block",
-                 "parallel.recompute_num_layers=1")
+    recompute = (
+        "parallel.recompute_granularity=full",
+        "parallel.recompute_method=block",
+        "parallel.recompute_num_layers=1",
+    )
     with pytest.raises(ConfigError) as err:
         validate(tiny_cfg(placement, extra=("model.arch=hybrid", *recompute)))
     assert "recompute_method=uniform" in str(err.value) and "\n" not in str(err.value)
@@ -218,8 +230,11 @@ def test_block_recompute_refused_for_block_spanning_placements(placement):
 
 def test_uniform_recompute_equals_gpt(mcore):
     """Full recompute in chunks of whole blocks (recompute_num_layers counts blocks)."""
-    extra = ("parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
-             "parallel.recompute_num_layers=1")
+    extra = (
+        "parallel.recompute_granularity=full",
+        "parallel.recompute_method=uniform",
+        "parallel.recompute_num_layers=1",
+    )
     same_init, diff = compare(tiny_cfg("spannorm", extra=extra))
     assert same_init and diff == []
 
@@ -230,13 +245,16 @@ def test_plan_accepts_hybrid():
     from tests.helpers.cli import plan_json
     from tests.helpers.models import SMALL_MOE
 
-    layout = ["model.norm_placement=spannorm", "parallel.pipeline_model_parallel_size=2",
-              "parallel.virtual_pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]
+    layout = [
+        "model.norm_placement=spannorm",
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.virtual_pipeline_model_parallel_size=2",
+        "parallel.expert_model_parallel_size=2",
+    ]
     gpt = plan_json(4, SMALL_MOE + layout)
     hybrid = plan_json(4, SMALL_MOE + layout + ["model.arch=hybrid"])
     assert hybrid["sharded_total"] == gpt["sharded_total"] == gpt["single_device_params"]
     assert [s["shard"]["layers"] for s in hybrid["stages"]] == [s["shard"]["layers"] for s in gpt["stages"]]
-
 
 
 def test_diagnostics_refused_on_hybrid_for_now():

@@ -15,9 +15,16 @@ from tests.helpers.cli import STEP_LINE, train
 
 pytestmark = pytest.mark.integration
 
-COMMON = ("model.norm_placement=spannorm", "training.steps={}", "schedule.decay_steps=5", "schedule.warmup_steps=2",
-          "logging.log_interval=1",
-          "training.eval_interval=100", "logging.tensorboard=false", "logging.progress_bar=false")
+COMMON = (
+    "model.norm_placement=spannorm",
+    "training.steps={}",
+    "schedule.decay_steps=5",
+    "schedule.warmup_steps=2",
+    "logging.log_interval=1",
+    "training.eval_interval=100",
+    "logging.tensorboard=false",
+    "logging.progress_bar=false",
+)
 
 
 def _losses(out: str) -> dict[int, str]:

@@ -95,8 +95,9 @@ def test_deepnorm_beta_hits_exactly_v_rows(mcore, moe):
             torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("extra", [("model.norm.deepnorm_glu_scale=both",), ("model.activation=gelu",)],
-                         ids=["glu-both", "gelu"])
+@pytest.mark.parametrize(
+    "extra", [("model.norm.deepnorm_glu_scale=both",), ("model.activation=gelu",)], ids=["glu-both", "gelu"]
+)
 def test_deepnorm_fc1_fully_scaled_when_asked_or_not_gated(mcore, extra):
     before, after = build_pair("deepnorm", extra=extra)
     beta = (8 * L) ** -0.25
@@ -107,8 +108,11 @@ def test_deepnorm_fc1_fully_scaled_when_asked_or_not_gated(mcore, extra):
 
 
 def test_mixln_megatron_init_option(mcore):
-    built = build_model(make_cfg("mixln", extra=("model.hidden_size=256", "model.norm.mixln_init=megatron")),
-                        vocab_size=64, init_rules=False)
+    built = build_model(
+        make_cfg("mixln", extra=("model.hidden_size=256", "model.norm.mixln_init=megatron")),
+        vocab_size=64,
+        init_rules=False,
+    )
     model = built.chunks[0]
     ratio = _std(model, r"linear_proj\.weight$") / _std(model, r"linear_qkv\.weight$")
     assert abs(ratio - 1 / math.sqrt(2 * L)) < 0.1 / math.sqrt(2 * L)

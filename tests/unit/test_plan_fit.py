@@ -17,15 +17,23 @@ from megaspan.plan.fit import GIB, device_memory, parse_memory
 pytestmark = pytest.mark.integration
 
 DENSE = [
-    "model.norm_placement=pre", "model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4",
-    "model.seq_length=128", "model.vocab_size=1024", "training.micro_batch_size=1",
+    "model.norm_placement=pre",
+    "model.num_layers=4",
+    "model.hidden_size=256",
+    "model.num_attention_heads=4",
+    "model.seq_length=128",
+    "model.vocab_size=1024",
+    "training.micro_batch_size=1",
     "training.global_batch_size=8",
 ]
 
 
 def _plan(*args: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "megaspan", "plan", "--json", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "megaspan", "plan", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)

@@ -27,17 +27,28 @@ def _final(placement: str, depth: int, seed: int) -> float:
 
 def _write_run(run_dir: Path, placement: str, depth: int, seed: int, *, diverged: bool, tb: bool) -> None:
     run_dir.mkdir(parents=True)
-    config = {"model": {"norm_placement": placement, "num_layers": depth},
-              "optimizer": {"lr": LR}, "training": {"seed": seed, "steps": 20}}
+    config = {
+        "model": {"norm_placement": placement, "num_layers": depth},
+        "optimizer": {"lr": LR},
+        "training": {"seed": seed, "steps": 20},
+    }
     final = _final(placement, depth, seed)
-    summary = {"status": "diverged" if diverged else "completed", "steps": 20, "tokens": 1000,
-               "wall_time_s": 1.0, "tokens_per_s": 1000.0,
-               "final_train_loss": None if diverged else final + 0.1,
-               "final_val_loss": None if diverged else final, "best_val_loss": None if diverged else final,
-               "loss_spikes": 2 if diverged else 0,
-               "guard_events": [{"step": 12, "kind": "nonfinite", "reason": "loss nan", "action": "stop"}]
-               if diverged else [],
-               "config": config, "versions": {"torch": "2.x", "megaspan": "0.1.0"}}
+    summary = {
+        "status": "diverged" if diverged else "completed",
+        "steps": 20,
+        "tokens": 1000,
+        "wall_time_s": 1.0,
+        "tokens_per_s": 1000.0,
+        "final_train_loss": None if diverged else final + 0.1,
+        "final_val_loss": None if diverged else final,
+        "best_val_loss": None if diverged else final,
+        "loss_spikes": 2 if diverged else 0,
+        "guard_events": [{"step": 12, "kind": "nonfinite", "reason": "loss nan", "action": "stop"}]
+        if diverged
+        else [],
+        "config": config,
+        "versions": {"torch": "2.x", "megaspan": "0.1.0"},
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     steps = range(1, 21, 2)
     if tb:
@@ -51,15 +62,26 @@ def _write_run(run_dir: Path, placement: str, depth: int, seed: int, *, diverged
         writer.close()
     else:
         log = [f"step {s}/20 | loss {final + 2.0 / s:.6f} | lr 1e-3" for s in steps]
-        log += [f"valid loss {final + 0.2:.6f} | ppl 3.0 | step 10", f"valid loss {final:.6f} | ppl 3.0 | step 20"]
+        log += [
+            f"valid loss {final + 0.2:.6f} | ppl 3.0 | step 10",
+            f"valid loss {final:.6f} | ppl 3.0 | step 20",
+        ]
         (run_dir / "train.log").write_text("\n".join(log) + "\n")
     records = []
     for step in (10, 20):
-        layers = {str(i): {"rms": float(i), "token_cosine": 0.1 * i, "angular_distance": 0.5 / i,
-                           "attn_grad_norm": 1.0, "mlp_grad_norm": 2.0, "max_abs": 3.0}
-                  for i in range(1, depth + 1)}
+        layers = {
+            str(i): {
+                "rms": float(i),
+                "token_cosine": 0.1 * i,
+                "angular_distance": 0.5 / i,
+                "attn_grad_norm": 1.0,
+                "mlp_grad_norm": 2.0,
+                "max_abs": 3.0,
+            }
+            for i in range(1, depth + 1)
+        }
         records.append(json.dumps({"step": step, "layers": layers}))
-    (run_dir / "diagnostics.jsonl").write_text("\n".join(records) + "\n{\"step\": 30, \"lay")  # torn line
+    (run_dir / "diagnostics.jsonl").write_text("\n".join(records) + '\n{"step": 30, "lay')  # torn line
 
 
 @pytest.fixture
@@ -72,13 +94,33 @@ def sweep_dir(tmp_path):
                 name = f"{p}-L{d}-lr{LR:g}-s{s}"
                 # Post-LN diverges at depth 8 (both seeds); TB events for half the runs, train.log else.
                 _write_run(root / name, p, d, s, diverged=(p == "post" and d == 8), tb=(s == 1))
-                cells.append({"index": len(cells), "name": name, "overrides": [],
-                              "values": {"model.norm_placement": p, "model.num_layers": d,
-                                         "optimizer.lr": LR, "training.seed": s}})
+                cells.append(
+                    {
+                        "index": len(cells),
+                        "name": name,
+                        "overrides": [],
+                        "values": {
+                            "model.norm_placement": p,
+                            "model.num_layers": d,
+                            "optimizer.lr": LR,
+                            "training.seed": s,
+                        },
+                    }
+                )
     # A cell the runner never reached: no run dir, listed in sweep.json only.
-    cells.append({"index": len(cells), "name": "pre-L16-lr0.01-s1", "overrides": [],
-                  "values": {"model.norm_placement": "pre", "model.num_layers": 16, "optimizer.lr": LR,
-                             "training.seed": 1}})
+    cells.append(
+        {
+            "index": len(cells),
+            "name": "pre-L16-lr0.01-s1",
+            "overrides": [],
+            "values": {
+                "model.norm_placement": "pre",
+                "model.num_layers": 16,
+                "optimizer.lr": LR,
+                "training.seed": 1,
+            },
+        }
+    )
     (root / "sweep.json").write_text(json.dumps({"name": "demo", "config": None, "cells": cells}))
     return root
 
@@ -118,8 +160,11 @@ def test_report_writes_table_and_decodable_pngs(sweep_dir, tmp_path, fmt):
     assert "largest stable depth" in page and "L8: 2/2" in page
     # One vs-depth plot (one LR), one curve plot per depth incl. the never-run L16? no: it has no curve.
     names = sorted(p.name for p in report.images)
-    assert names == sorted(["val_loss_vs_depth_lr0.01.png"] + [f"loss_curves_L{d}.png" for d in DEPTHS]
-                           + [f"layer_profiles_L{d}_lr0.01.png" for d in DEPTHS])
+    assert names == sorted(
+        ["val_loss_vs_depth_lr0.01.png"]
+        + [f"loss_curves_L{d}.png" for d in DEPTHS]
+        + [f"layer_profiles_L{d}_lr0.01.png" for d in DEPTHS]
+    )
     for path in report.images:
         image = mpimg.imread(path)
         assert path.stat().st_size > 0 and image.shape[0] > 100 and image.shape[1] > 100
@@ -137,7 +182,8 @@ def test_report_writes_table_and_decodable_pngs(sweep_dir, tmp_path, fmt):
 
     curves = report.figures["loss_curves_L4"].axes[0]
     assert sorted(line.get_label() for line in curves.lines) == sorted(
-        [f"{p} (train)" for p in PLACEMENTS] + [f"{p} (val)" for p in PLACEMENTS])
+        [f"{p} (train)" for p in PLACEMENTS] + [f"{p} (val)" for p in PLACEMENTS]
+    )
     assert all(len(line.get_xdata()) in (10, 2) for line in curves.lines)
 
     profiles = report.figures["layer_profiles_L4_lr0.01"].axes
@@ -173,9 +219,19 @@ def test_variants_are_reported_apart(tmp_path):
     from megaspan.sweep import expand
     from megaspan.sweep.runner import FROZEN
 
-    sweep = expand({"name": "v", "axes": {"model.moe.num_experts": [
-        {"label": "dense", "set": {"model.moe.num_experts": None}},
-        {"label": "moe4", "set": {"model.moe.num_experts": 4}}], "placement": ["pre"], "depth": [2]}})
+    sweep = expand(
+        {
+            "name": "v",
+            "axes": {
+                "model.moe.num_experts": [
+                    {"label": "dense", "set": {"model.moe.num_experts": None}},
+                    {"label": "moe4", "set": {"model.moe.num_experts": 4}},
+                ],
+                "placement": ["pre"],
+                "depth": [2],
+            },
+        }
+    )
     root = tmp_path / "v"
     for cell in sweep["cells"]:
         _write_run(root / cell["name"], "pre", 2, 1, diverged=False, tb=False)

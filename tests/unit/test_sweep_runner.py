@@ -21,12 +21,16 @@ from megaspan.sweep.runner import CELL_LOG, FROZEN, progress_line, run_local, tr
 from megaspan.sweep.slurm import array_spec, submit
 from megaspan.sweep.spec import SweepError
 
-SWEEP = {"name": "demo", "config": "tiny", "fixed": {"training.steps": 4},
-         "axes": {"placement": ["pre", "post"], "depth": [2, 4], "seed": [1]}}
+SWEEP = {
+    "name": "demo",
+    "config": "tiny",
+    "fixed": {"training.steps": 4},
+    "axes": {"placement": ["pre", "post"], "depth": [2, 4], "seed": [1]},
+}
 
 # A stand-in for `python -m megaspan train`: records its argv, then ends the run the way the cell's
 # placement says (post at depth 4 diverges, pre at depth 4 crashes without a summary).
-FAKE = r'''#!{python}
+FAKE = r"""#!{python}
 import json, sys
 from pathlib import Path
 args = sys.argv[1:]
@@ -41,7 +45,7 @@ status = "diverged" if name == "post-L4-s1" else "completed"
 (run_dir / "summary.json").write_text(json.dumps({{"status": status, "final_val_loss": 3.5,
                                                    "final_train_loss": 3.6}}))
 sys.exit(3 if status == "diverged" else 0)
-'''
+"""
 
 
 @pytest.fixture
@@ -60,9 +64,21 @@ def _calls(runs: Path) -> list[str]:
 def test_train_command_order():
     sweep = expand(SWEEP)
     cmd = train_command(sweep, 1, Path("/r/pre-L4-s1"), extra=["training.steps=2"], python="py")
-    assert cmd == ["py", "-m", "megaspan", "train", "--config", "tiny", "checkpoint.resume=auto",
-                   "training.steps=4", "model.norm_placement=pre", "model.num_layers=4", "training.seed=1",
-                   "training.steps=2", "training.run_dir=/r/pre-L4-s1"]
+    assert cmd == [
+        "py",
+        "-m",
+        "megaspan",
+        "train",
+        "--config",
+        "tiny",
+        "checkpoint.resume=auto",
+        "training.steps=4",
+        "model.norm_placement=pre",
+        "model.num_layers=4",
+        "training.seed=1",
+        "training.steps=2",
+        "training.run_dir=/r/pre-L4-s1",
+    ]
     cmd = train_command(sweep, 0, Path("/r/x"), nproc=2, python="py")
     assert cmd[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
 
@@ -73,7 +89,11 @@ def test_runner_skips_finished_cells_and_reruns_the_rest(tmp_path, fake_python):
     code, results = run_local(expand(SWEEP), runs, python=fake_python, echo=lines.append)
     assert code == 1  # pre-L4 failed
     assert {r.name: r.status for r in results} == {
-        "pre-L2-s1": "completed", "pre-L4-s1": "failed", "post-L2-s1": "completed", "post-L4-s1": "diverged"}
+        "pre-L2-s1": "completed",
+        "pre-L4-s1": "failed",
+        "post-L2-s1": "completed",
+        "post-L4-s1": "diverged",
+    }
     assert len(_calls(runs)) == 4
     assert json.loads((runs / FROZEN).read_text())["name"] == "demo"
     assert (runs / "pre-L4-s1" / CELL_LOG).read_text().startswith("$ ")
@@ -131,7 +151,9 @@ def test_parallel_jobs(tmp_path, fake_python):
 def test_progress_line_format():
     from megaspan.sweep.runner import CellResult
 
-    line = progress_line(3, 10, CellResult(2, "spannorm-L24", "completed", 3.21, "val", 75.0, 0, False), 610.0)
+    line = progress_line(
+        3, 10, CellResult(2, "spannorm-L24", "completed", 3.21, "val", 75.0, 0, False), 610.0
+    )
     assert line == "[3/10] spannorm-L24 | completed | val loss 3.2100 | 1m15s | sweep ETA 10m10s"
 
 
@@ -144,8 +166,14 @@ def test_slurm_submits_only_unfinished_cells(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     (runs / "pre-L2-s1").mkdir(parents=True)
     (runs / "pre-L2-s1" / "summary.json").write_text(json.dumps({"status": "completed"}))
-    cmd, job, pending = submit(expand(SWEEP), runs, extra=["training.steps=2"],
-                               sbatch_args=["--gpus-per-node=8"], array_limit=2, dry_run=True)
+    cmd, job, pending = submit(
+        expand(SWEEP),
+        runs,
+        extra=["training.steps=2"],
+        sbatch_args=["--gpus-per-node=8"],
+        array_limit=2,
+        dry_run=True,
+    )
     assert job is None and pending == [1, 2, 3]
     assert cmd[:3] == ["sbatch", "--parsable", "--array=1-3%2"]
     assert "--gpus-per-node=8" in cmd
@@ -154,8 +182,10 @@ def test_slurm_submits_only_unfinished_cells(tmp_path, monkeypatch):
     # A real submission through a stand-in sbatch on PATH: freezes the cells and passes the dirs.
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "sbatch").write_text("#!/bin/sh\nenv | grep ^MEGASPAN_ > \"$MEGASPAN_SWEEP_DIR/env.txt\"\n"
-                                   "echo \"$@\" > \"$MEGASPAN_SWEEP_DIR/args.txt\"\necho 4242\n")
+    (bindir / "sbatch").write_text(
+        '#!/bin/sh\nenv | grep ^MEGASPAN_ > "$MEGASPAN_SWEEP_DIR/env.txt"\n'
+        'echo "$@" > "$MEGASPAN_SWEEP_DIR/args.txt"\necho 4242\n'
+    )
     (bindir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     cmd, job, pending = submit(expand(SWEEP), runs)
@@ -182,10 +212,20 @@ def test_sbatch_script_resolves_the_cell_through_the_package(tmp_path):
     shutil.copy(repo / "megaspan" / "errors.py", home / "megaspan")
     sweep_file = tmp_path / "s.json"
     sweep_file.write_text(json.dumps(expand(SWEEP)))
-    env = dict(os.environ, SLURM_ARRAY_TASK_ID="3", MEGASPAN_HOME=str(home), MEGASPAN_PYTHON=sys.executable,
-               MEGASPAN_SWEEP_DIR=str(tmp_path / "sweepdir"))
-    proc = subprocess.run(["bash", str(home / "launch" / "slurm" / "sweep.sbatch"), str(sweep_file), "x.y=1"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    env = dict(
+        os.environ,
+        SLURM_ARRAY_TASK_ID="3",
+        MEGASPAN_HOME=str(home),
+        MEGASPAN_PYTHON=sys.executable,
+        MEGASPAN_SWEEP_DIR=str(tmp_path / "sweepdir"),
+    )
+    proc = subprocess.run(
+        ["bash", str(home / "launch" / "slurm" / "sweep.sbatch"), str(sweep_file), "x.y=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     args = proc.stdout.splitlines()[1:]
     assert args[:2] == ["--config", "tiny"] and "model.norm_placement=post" in args
@@ -208,10 +248,20 @@ def test_real_cells_then_resume(tmp_path, monkeypatch):
     """Two real `megaspan train` cells; the second invocation skips both (summary.json written by
     the trainer) or, for a trainer without summaries, resumes from the final checkpoint."""
     monkeypatch.setenv("MEGASPAN_CACHE_DIR", str(tmp_path / "cache"))
-    sweep = expand({"name": "real", "config": "tiny",
-                    "fixed": {"training.steps": 2, "training.eval_interval": 2, "training.eval_steps": 1,
-                              "schedule.warmup_steps": 1, "logging.diagnostics_interval": 1},
-                    "axes": {"placement": ["pre", "post"], "depth": [2]}})
+    sweep = expand(
+        {
+            "name": "real",
+            "config": "tiny",
+            "fixed": {
+                "training.steps": 2,
+                "training.eval_interval": 2,
+                "training.eval_steps": 1,
+                "schedule.warmup_steps": 1,
+                "logging.diagnostics_interval": 1,
+            },
+            "axes": {"placement": ["pre", "post"], "depth": [2]},
+        }
+    )
     runs = tmp_path / "runs"
     lines: list[str] = []
     code, results = run_local(sweep, runs, echo=lines.append)

@@ -54,8 +54,14 @@ def test_list_count_and_cells(tmp_path):
     # Row-major, first axis slowest: 5 = spannorm (1), depth 2 (0), lr 3e-4 (1), seed 1 (0).
     assert cell[0] == "demo/spannorm-L2-lr0.0003-s1"
     assert cell[1:3] == ["--config", str((tmp_path / "recipes/tiny.yaml").resolve())]
-    assert cell[3:] == ["training.steps=20", "model.hidden_size=64", "model.norm_placement=spannorm",
-                        "model.num_layers=2", "optimizer.lr=0.0003", "training.seed=1"]
+    assert cell[3:] == [
+        "training.steps=20",
+        "model.hidden_size=64",
+        "model.norm_placement=spannorm",
+        "model.num_layers=2",
+        "optimizer.lr=0.0003",
+        "training.seed=1",
+    ]
 
     names = [_run("--cell", str(i), str(path)).stdout.splitlines()[0] for i in range(8)]
     assert len(set(names)) == 8
@@ -79,28 +85,38 @@ def test_freeze_roundtrip_needs_no_yaml(tmp_path):
 
 
 def test_generic_axes_and_value_formatting(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 name: g
 axes:
   model.hidden_size: [64]
   precision.fp8: [null]
   model.add_bias_linear: [true, false]
   data.paths: [[a, b]]
-""")
+""",
+    )
     cell = _run("--cell", "1", str(path)).stdout.splitlines()
     assert cell[0] == "g/hidden_size-64-fp8-null-add_bias_linear-false-paths-__a___b__"
-    assert cell[1:] == ["model.hidden_size=64", "precision.fp8=null", "model.add_bias_linear=false",
-                        'data.paths=["a","b"]']
+    assert cell[1:] == [
+        "model.hidden_size=64",
+        "precision.fp8=null",
+        "model.add_bias_linear=false",
+        'data.paths=["a","b"]',
+    ]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("axes: {depth: [1]}", "'name'"),
-    ("name: x\naxes: {depth: [1]}\nbogus: 1", "unknown top-level"),
-    ("name: x\naxes: {notakey: [1]}", "neither an alias"),
-    ("name: x\nfixed: {model.num_layers: 2}\naxes: {depth: [1]}", "both fixed and an axis"),
-    ("name: x\nfixed: {training.run_dir: /x}", "set per cell"),
-    ("name: x\naxes: {lr: [0.001, 1.0e-3]}", "both get the name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("axes: {depth: [1]}", "'name'"),
+        ("name: x\naxes: {depth: [1]}\nbogus: 1", "unknown top-level"),
+        ("name: x\naxes: {notakey: [1]}", "neither an alias"),
+        ("name: x\nfixed: {model.num_layers: 2}\naxes: {depth: [1]}", "both fixed and an axis"),
+        ("name: x\nfixed: {training.run_dir: /x}", "set per cell"),
+        ("name: x\naxes: {lr: [0.001, 1.0e-3]}", "both get the name"),
+    ],
+)
 def test_errors(tmp_path, text, message):
     proc = _run("--list", str(_write(tmp_path, text)))
     assert proc.returncode == 2
@@ -125,27 +141,35 @@ def test_stdlib_only_under_a_bare_python(tmp_path):
     path = _write(tmp_path, SWEEP)
     frozen = tmp_path / "frozen.json"
     assert _run("--freeze", str(frozen), str(path)).returncode == 0
-    code = (f"import sys; sys.argv=['x','--cell','1',{str(frozen)!r}]; "
-            "from megaspan.sweep.__main__ import main; rc=main(); "
-            "assert 'torch' not in sys.modules and 'yaml' not in sys.modules, sorted(sys.modules); "
-            "sys.exit(rc)")
+    code = (
+        f"import sys; sys.argv=['x','--cell','1',{str(frozen)!r}]; "
+        "from megaspan.sweep.__main__ import main; rc=main(); "
+        "assert 'torch' not in sys.modules and 'yaml' not in sys.modules, sorted(sys.modules); "
+        "sys.exit(rc)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_labelled_bundle_values(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 name: b
 axes:
   placement:
     - pre
     - {label: spannorm-attn, set: {model.norm_placement: spannorm, model.norm.span_include_attn_term: true}}
   depth: [2]
-""")
+""",
+    )
     sweep = sweep_mod.load_sweep(path)
     assert [c["name"] for c in sweep["cells"]] == ["pre-L2", "spannorm-attn-L2"]
-    assert sweep["cells"][1]["overrides"] == ["model.norm_placement=spannorm",
-                                              "model.norm.span_include_attn_term=true", "model.num_layers=2"]
+    assert sweep["cells"][1]["overrides"] == [
+        "model.norm_placement=spannorm",
+        "model.norm.span_include_attn_term=true",
+        "model.num_layers=2",
+    ]
     assert sweep["cells"][1]["values"] == {"model.norm_placement": "spannorm-attn", "model.num_layers": 2}
     bad = _write(tmp_path, "name: b\naxes:\n  placement: [{label: 'a b', set: {x.y: 1}}]\n", "bad.yaml")
     with pytest.raises(sweep_mod.SweepError, match="label"):

@@ -25,7 +25,9 @@ print(tok.path)
 
 
 def _train(cache: Path) -> Path:
-    out = subprocess.run([sys.executable, "-c", _TRAIN, str(cache)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _TRAIN, str(cache)], capture_output=True, text=True, check=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 

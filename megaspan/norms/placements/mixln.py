@@ -48,7 +48,10 @@ class MixLN(Placement):
             warnings.warn(
                 f"Mix-LN with {num_layers} layers and mixln_alpha={self.options.mixln_alpha} has "
                 f"floor({self.options.mixln_alpha}*{num_layers}) = 0 Post-LN layers: it is plain Pre-LN "
-                "(use >= 4 layers or a larger model.norm.mixln_alpha)", UserWarning, stacklevel=2)
+                "(use >= 4 layers or a larger model.norm.mixln_alpha)",
+                UserWarning,
+                stacklevel=2,
+            )
         # The halves only contribute their equations; final_norm and init are Mix-LN's own.
         self._post = PostNorm(None, num_layers)
         self._pre = PreNorm(None, num_layers)

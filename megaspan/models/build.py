@@ -39,6 +39,24 @@ def apply_init_rules(chunks, placement: Placement) -> None:
                 placement.init_weights(module)
 
 
+def language_model_kwargs(cfg: MegaspanConfig, padded_vocab: int, vp_stage: int | None) -> dict:
+    """The constructor arguments ``GPTModel`` and ``HybridModel`` share: vocabulary, positions,
+    tied embeddings and this chunk's place in the (virtual) pipeline."""
+    from megatron.core import parallel_state as ps
+
+    m = cfg.model
+    return dict(
+        vocab_size=padded_vocab,
+        max_sequence_length=m.max_position_embeddings or m.seq_length,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
 def build_model(
     cfg: MegaspanConfig,
     vocab_size: int,
@@ -66,14 +84,7 @@ def build_model(
         chunk = GPTModel(
             config=tconfig,
             transformer_layer_spec=block_spec(tconfig, placement, impl, vp_stage=stage, pp_rank=pp_rank),
-            vocab_size=padded,
-            max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-            position_embedding_type=cfg.model.position_embedding_type,
-            rotary_base=cfg.model.rotary_base,
-            vp_stage=stage,
+            **language_model_kwargs(cfg, padded, stage),
         )
         chunks.append(chunk)
     if init_rules:

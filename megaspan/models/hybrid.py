@@ -403,11 +403,10 @@ def hybrid_layout(gpt_config, placement: Placement) -> HybridLayout:
 def build_hybrid_model(cfg, vocab_size: int, *, init_rules: bool = True, cuda: bool | None = None):
     """``HybridModel`` chunks equal to :func:`megaspan.models.build.build_model`'s ``GPTModel``
     chunks (same placement, same weights layout per block); returns a ``BuiltModel``."""
-    from megatron.core import parallel_state as ps
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from megaspan.models.backend import resolve_impl
-    from megaspan.models.build import BuiltModel, apply_init_rules, placement_for
+    from megaspan.models.build import BuiltModel, apply_init_rules, language_model_kwargs, placement_for
     from megaspan.models.mcore_config import padded_vocab_size, transformer_config
 
     placement = placement_for(cfg)
@@ -423,15 +422,8 @@ def build_hybrid_model(cfg, vocab_size: int, *, init_rules: bool = True, cuda: b
             HybridModel(
                 config=tconfig,
                 hybrid_stack_spec=hybrid_stack_spec(placement, impl, tconfig),
-                vocab_size=padded,
-                max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
                 hybrid_layer_pattern=layout.pattern,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-                position_embedding_type=cfg.model.position_embedding_type,
-                rotary_base=cfg.model.rotary_base,
-                vp_stage=stage,
+                **language_model_kwargs(cfg, padded, stage),
             )
         )
     if init_rules:

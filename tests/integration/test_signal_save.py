@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from megaspan.training.checkpoint import find_latest_valid, is_valid
+from tests.helpers.cli import train_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
@@ -155,18 +156,7 @@ def test_kill_9_of_a_rank_leaves_no_helper_processes(tmp_path: Path) -> None:
 
 
 def _cli(run: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megaspan",
-        "train",
-        "--config",
-        "tiny",
-        f"training.run_dir={run}",
-        "logging.log_interval=1",
-        "training.eval_interval=100000",
-        *overrides,
-    ]
+    return train_cmd(run, "logging.log_interval=1", "training.eval_interval=100000", *overrides)
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background-from-script"])

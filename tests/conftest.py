@@ -127,10 +127,15 @@ def mcore(single_process_group):
     yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dist_pool():
-    """``dist_pool(world_size)`` -> a :class:`tests.helpers.harness.Pool` shared by the session,
-    so the distributed tests pay each rank's start (torch + Megatron imports) once."""
+    """``dist_pool(world_size)`` -> a :class:`tests.helpers.harness.Pool` shared by one test module,
+    so its cases pay each rank's start (torch + Megatron imports) once.
+
+    Module-scoped, not session-scoped: a worker that has run many trainer jobs still holds gloo
+    threads of destroyed groups that its finished trainers kept referenced (~880 threads and ~20%
+    of a core per idle rank after tests/distributed/test_layouts.py), so pools end with the module
+    that used them instead of idling through the rest of the suite."""
     from tests.helpers.harness import Pool
 
     pools: dict[int, Pool] = {}

@@ -132,10 +132,11 @@ def dist_pool():
     """``dist_pool(world_size)`` -> a :class:`tests.helpers.harness.Pool` shared by one test module,
     so its cases pay each rank's start (torch + Megatron imports) once.
 
-    Module-scoped, not session-scoped: a worker that has run many trainer jobs still holds gloo
-    threads of destroyed groups that its finished trainers kept referenced (~880 threads and ~20%
-    of a core per idle rank after tests/distributed/test_layouts.py), so pools end with the module
-    that used them instead of idling through the rest of the suite."""
+    Module-scoped, not session-scoped: a worker that has run many trainer jobs still holds the
+    gloo threads of groups from earlier jobs (~880 threads and ~20% of a core per idle rank after
+    tests/distributed/test_layouts.py; what keeps them alive in a worker, unlike in the in-process
+    leak test, is not found yet), so pools end with the module that used them instead of idling
+    through the rest of the suite."""
     from tests.helpers.harness import Pool
 
     pools: dict[int, Pool] = {}

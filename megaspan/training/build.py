@@ -371,6 +371,13 @@ def train(cfg: MegaspanConfig) -> int:
             code = trainer.fit()
             if trainer.finished:
                 trainer.log.info(f"training finished at step {trainer.progress.step}")
+            if dist.get_world_size() > 1:
+                # Ranks leave together after a clean end, so none tears down its gloo pairs (or,
+                # on rank 0, the rendezvous store) while a peer is still in its last collective:
+                # a 2-rank srun job once aborted in teardown ("terminate called without an active
+                # exception") after a clean finish. Not on error paths, where a peer may never
+                # arrive and the barrier would turn a crash into a hang.
+                dist.barrier()
             return code
         except RunDirError as exc:
             # The filesystem refused a write mid-run (full disk, permissions): one line, exit 1;

@@ -159,8 +159,7 @@ class Trainer:
         """Continue training from global sample ``consumed_samples`` (a resume, or a rollback
         that skips a data window)."""
         self.progress = Progress(self.progress.step, consumed_samples)
-        for old in getattr(self, "_train_iters", ()):
-            getattr(old, "close", lambda: None)()  # stop its read-ahead
+        _close(getattr(self, "_train_iters", ()))  # stop the old read-ahead
         self._train_iters = self.iterators(self.train_ds, consumed_samples)
 
     def _run_schedule(self, iterators, forward_only: bool) -> list[dict]:
@@ -230,12 +229,15 @@ class Trainer:
             chunk.eval()
         iterators = self.iterators(self.valid_ds, 0)
         loss_sum = tokens = 0.0
-        with torch.no_grad():
-            for _ in range(self.cfg.training.eval_steps):
-                s, t, _ = _reduce_reported(
-                    self._run_schedule(iterators, True), self.position, self.device
-                ).tolist()
-                loss_sum, tokens = loss_sum + s, tokens + t
+        try:
+            with torch.no_grad():
+                for _ in range(self.cfg.training.eval_steps):
+                    s, t, _ = _reduce_reported(
+                        self._run_schedule(iterators, True), self.position, self.device
+                    ).tolist()
+                    loss_sum, tokens = loss_sum + s, tokens + t
+        finally:
+            _close(iterators)
         for chunk in self.objs.model:
             chunk.train()
         return loss_sum / max(tokens, 1.0)
@@ -279,7 +281,13 @@ class Trainer:
         return progress
 
     def close(self) -> None:
-        """Flush and close the logs, release the run dir (idempotent)."""
+        """Stop the data read-ahead, flush and close the logs, release the run dir (idempotent).
+
+        The read-ahead threads are joined here rather than left to die with the interpreter: a
+        daemon thread still inside a torch op at exit aborted a finished run ("terminate called
+        without an active exception", exit 134 under srun)."""
+        _close(getattr(self, "_train_iters", ()))
+        self._train_iters = []
         self.log.close()
         if self._lock is not None:
             self._lock.release()
@@ -317,3 +325,9 @@ class Trainer:
         if not self.objs.config.fp16:
             return None
         return float(self.objs.optimizer.get_loss_scale())
+
+
+def _close(iterators) -> None:
+    """Stop the read-ahead threads of micro-batch iterators (plain iterators have none)."""
+    for it in iterators:
+        getattr(it, "close", lambda: None)()

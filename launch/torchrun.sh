@@ -72,6 +72,7 @@ sys.argv[0] = "torchrun"
 sys.exit(main())'
 GOT=""
 TR_PID=""
+# shellcheck disable=SC2317 # reached through the `trap` handlers below
 forward() {  # forward SIGNAL-FOR-RANKS
     local pid
     [[ -n $TR_PID ]] || return 0

@@ -2,7 +2,7 @@
 
 Megatron-Core assumes CUDA in a handful of places:
 the "CUDA" RNG tracker, ``torch.cuda.current_device()`` for buffers, side streams in the MoE
-alltoall dispatcher, hard-coded ``device="cuda"`` in the pipeline schedules, ``.type()`` checks
+alltoall dispatcher, hard-coded ``device="cuda"`` in the pipeline schedules' token counters, ``.type()`` checks
 in the optimizer and grad clipping, and numpy split sizes in the alltoall dispatcher.
 
 :func:`apply` patches exactly those sites when no CUDA device is present and does nothing when
@@ -18,6 +18,7 @@ import contextlib
 import functools
 import importlib
 import threading
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -31,17 +32,13 @@ PATCHED_NAMES: tuple[tuple[str, str], ...] = (
     ("megatron.core.tensor_parallel.random", "CheckpointWithoutOutput"),
     ("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu"),
     ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu"),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining"),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving"),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving"),
-    ("megatron.core.pipeline_parallel", "get_forward_backward_func"),
+    ("megatron.core.pipeline_parallel.schedules", "torch"),
     ("megatron.core.transformer.utils", "get_default_causal_mask"),
     (
         "megatron.core.models.common.language_module.language_module.LanguageModule",
         "setup_embeddings_and_output_layer",
     ),
     ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
-    ("megatron.core.pipeline_parallel.schedules", "get_forward_backward_func"),
 )
 
 _lock = threading.Lock()
@@ -56,10 +53,11 @@ class CudaToCpuMode(TorchFunctionMode):
     """Rewrite ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` to CPU, and report CPU tensors'
     ``.type()`` by their CUDA names, inside the schedules and the optimizer.
 
-    Only entered around pipeline-schedule calls (where Megatron-Core hard-codes CUDA tensors for
-    token counting) and around optimizer construction, step and checkpoint loading (type checks
-    in the optimizer and grad clipping); elsewhere no per-op overhead is paid and no process-wide
-    ``Tensor`` method is replaced.
+    Only entered around optimizer construction and step, checkpoint save/load (type checks and
+    ``device='cuda'`` scalars in the optimizer, grad clipping and dist_checkpointing) and the
+    one-off tied-embedding setup; never around forward/backward, where it would add a Python
+    call to every torch op (the schedules' own CUDA tensors are handled by
+    :func:`_cpu_torch_view`). No process-wide ``Tensor`` method is replaced.
     """
 
     @staticmethod
@@ -94,6 +92,25 @@ def _wrap_schedule(fn):
     wrapped.__wrapped__ = fn
     wrapped.__name__ = fn.__name__
     return wrapped
+
+
+def _cpu_torch_view() -> types.ModuleType:
+    """A module that is ``torch`` except that ``zeros(..., device="cuda")`` and
+    ``autocast("cuda", ...)`` land on the CPU (for a module-level ``torch`` name in Megatron)."""
+    view = types.ModuleType("torch")
+    view.__dict__.update(torch.__dict__)
+    # Names torch creates lazily after this copy are still found (PEP 562 module __getattr__).
+    view.__getattr__ = lambda name: getattr(torch, name)
+
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device=CudaToCpuMode._fix(device), **kwargs)
+
+    def autocast(device_type, *args, **kwargs):
+        return torch.autocast(CudaToCpuMode._fix(device_type), *args, **kwargs)
+
+    view.zeros = zeros
+    view.autocast = autocast
+    return view
 
 
 class _DummyStream:
@@ -225,17 +242,12 @@ def _patch_megatron() -> None:
         lm.LanguageModule.setup_embeddings_and_output_layer
     )
 
+    # The schedules hard-code device="cuda" for their token counters (and autocast("cuda") under
+    # bf16/fp16). Rather than running the whole forward/backward inside CudaToCpuMode (a Python
+    # call per torch op of the model), the schedules module gets its own view of ``torch`` whose
+    # ``zeros`` and ``autocast`` map CUDA to CPU; every other name is torch's own object.
     schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
-    pp = importlib.import_module("megatron.core.pipeline_parallel")
-    for name in (
-        "forward_backward_no_pipelining",
-        "forward_backward_pipelining_without_interleaving",
-        "forward_backward_pipelining_with_interleaving",
-    ):
-        setattr(schedules, name, _wrap_schedule(getattr(schedules, name)))
-    # get_forward_backward_func looks the schedules up in its module globals, so the wrapped
-    # versions above are what it returns; re-export it for callers holding the package name.
-    pp.get_forward_backward_func = schedules.get_forward_backward_func
+    schedules.torch = _cpu_torch_view()
 
 
 def apply() -> bool:

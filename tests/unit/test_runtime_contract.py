@@ -66,7 +66,13 @@ def test_apply_patches_cpu_sites(single_process_group):
 
     assert cpu_compat.apply() is True and cpu_compat.apply() is True  # idempotent
     assert torch.cuda.current_device() == "cpu"
-    assert schedules.forward_backward_no_pipelining.__wrapped__ is not None
+    # The schedules see a CPU view of torch for their hard-coded CUDA counters and autocast,
+    # while the real torch (and so the model's forward/backward) is left alone.
+    assert schedules.torch is not torch and schedules.torch.Tensor is torch.Tensor
+    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+    assert torch.zeros is not schedules.torch.zeros
+    assert schedules.torch.autocast("cuda", dtype=torch.bfloat16).device == "cpu"
+    assert torch.overrides._get_current_function_mode_stack() == []
     assert token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True).tolist() == [1, 2]
     # Tensor.type is not replaced process-wide: only inside the schedules/optimizer mode.
     assert torch.zeros(2).type() == "torch.FloatTensor"

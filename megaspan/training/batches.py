@@ -142,7 +142,14 @@ def _produce(
 
 
 class MicroBatches:
-    """Iterator of this rank's micro-batches from ``consumed_samples`` on (see the module doc)."""
+    """Iterator of this rank's micro-batches from ``consumed_samples`` on (see the module doc),
+    as tensors on ``device``.
+
+    ``vp_stage``: the virtual pipeline stage this iterator feeds (with VPP, so that each chunk
+    reads only its keys; without it such a rank reads every key). ``prefetch``: read-ahead in
+    micro-batches; None = the module's :data:`PREFETCH`. ``keys`` / ``tp_group`` /
+    ``tp_src_rank`` override what Megatron's parallel state says (tests).
+    """
 
     def __init__(
         self,
@@ -251,30 +258,5 @@ class MicroBatches:
         return batch
 
 
-def micro_batches(
-    dataset: Any,
-    consumed_samples: int,
-    micro_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-    device: torch.device,
-    *,
-    vp_stage: int | None = None,
-    prefetch: int | None = None,
-) -> MicroBatches:
-    """This rank's micro-batches from ``consumed_samples`` on, as tensors on ``device``.
-
-    ``vp_stage``: the virtual pipeline stage this iterator feeds (with VPP, so that each chunk
-    reads only its keys; without it such a rank reads every key). ``prefetch``: read-ahead in
-    micro-batches; None = the module's :data:`PREFETCH`.
-    """
-    return MicroBatches(
-        dataset,
-        consumed_samples,
-        micro_batch_size,
-        dp_rank,
-        dp_size,
-        device,
-        vp_stage=vp_stage,
-        prefetch=prefetch,
-    )
+# The functional spelling used by the trainer and tests.
+micro_batches = MicroBatches

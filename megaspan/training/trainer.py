@@ -142,7 +142,10 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------
 
     def iterators(self, dataset, consumed_samples: int) -> list[Iterator[Batch]]:
-        """One iterator per model chunk: each virtual stage reads the same micro-batches."""
+        """One iterator per model chunk: each virtual stage reads the same micro-batches, but
+        only the keys its stage uses (tokens for the first virtual stage, labels and loss mask
+        for the last; a middle one reads nothing)."""
+        chunks = len(self.objs.model)
         return [
             micro_batches(
                 dataset,
@@ -151,8 +154,9 @@ class Trainer:
                 self.position.dp_rank,
                 self.position.dp_size,
                 self.device,
+                vp_stage=i if chunks > 1 else None,
             )
-            for _ in self.objs.model
+            for i in range(chunks)
         ]
 
     def seek(self, consumed_samples: int) -> None:

@@ -107,14 +107,22 @@ def markdown(doc: dict[str, Any]) -> str:
         "| TFLOP/s | MFU | peak mem GiB |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    profiled = any("profile" in (r.get("extra") or {}) for r in doc["results"])
+    if profiled:  # a column for the profile's normalization share (bench --profile)
+        lines[2] += " norm share |"
+        lines[3] += "--:|"
     for r in doc["results"]:
-        lines.append(
+        line = (
             f"| {r['model']} | {r['precision']} | {r['backend']} | {r['step_time_s'] * 1e3:.1f} "
             f"| {r['iqr_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {_fmt(r['ratio_to_pre'], '.3f')} "
             f"| {_fmt(r['ratio_to_stock'], '.3f')} | {_fmt(r['tflops'], '.2f')} "
             f"| {_fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '.1f')}"
             f"{'%' if r['mfu'] is not None else ''} | {_mem(r, '.2f')} |"
         )
+        if profiled:
+            share = ((r.get("extra") or {}).get("profile") or {}).get("norm_share")
+            line += f" {_fmt(share * 100 if share is not None else None, '.1f')}{'%' if share is not None else ''} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from megaspan.bench import report
@@ -41,6 +42,7 @@ class BenchOptions:
     baselines: bool = True  # time stock and bare-loop too
     schedule: str = "auto"  # "auto" | "round-robin" | "sequential"
     peak_tflops: float | None = None
+    profile_dir: str | None = None  # one extra profiled step per model (megaspan.bench.profile)
     overrides: list[str] = field(default_factory=list)
 
 
@@ -210,6 +212,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 cuda,
                 build_candidate,
                 config_step_flops,
+                opts.profile_dir,
             )
     finally:
         runtime.destroy() if owns_group else None
@@ -240,6 +243,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "load_average": {"before": load_before, "after": load_after},
         "peak_tflops": peaks,
         "overrides": list(opts.overrides),
+        "profile_dir": opts.profile_dir,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return report.document(meta, rows)
@@ -313,9 +317,24 @@ def _timed(step, cuda: bool) -> tuple[float, object]:
 
 
 def _time_models(
-    names, cfg, cfg_for, dataset, device, precision, tokens, warmup, repeats, schedule, cuda, build, flops_of
+    names,
+    cfg,
+    cfg_for,
+    dataset,
+    device,
+    precision,
+    tokens,
+    warmup,
+    repeats,
+    schedule,
+    cuda,
+    build,
+    flops_of,
+    profile_dir=None,
 ) -> list[report.Row]:
     import torch
+
+    from megaspan.bench.profile import profile_step
 
     rows: dict[str, report.Row] = {}
     peak_mem: dict[str, float] = {}
@@ -346,6 +365,13 @@ def _time_models(
             rows[cand.name].times_s.append(seconds)
             rows[cand.name].final_loss = _loss(loss)  # after the clock stopped
 
+    def profiled(cand) -> None:
+        """One more, untimed step under the profiler (after the timed ones: its overhead
+        never lands in the medians)."""
+        if profile_dir is not None:
+            label = f"{cand.name}-{precision}"
+            rows[cand.name].extra["profile"] = profile_step(cand.step, Path(profile_dir), label, cuda)
+
     if schedule == "round-robin":
         cands = [make(n) for n in names]
         for _ in range(warmup):
@@ -355,6 +381,7 @@ def _time_models(
             for c in cands:
                 one(c, timed=True)
         for c in cands:
+            profiled(c)
             c.close()
     else:
         for n in names:
@@ -363,6 +390,7 @@ def _time_models(
                 one(c, timed=False)
             for _ in range(repeats):
                 one(c, timed=True)
+            profiled(c)
             c.close()
             del c
             gc.collect()

@@ -60,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the timed steps, profile one more step per model (torch.profiler): op tables "
+        "and traces under DIR, and each model's normalization share of op time in the table",
+    )
+    p.add_argument(
         "--compare",
         nargs=2,
         metavar=("A.json", "B.json"),
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             baselines=not args.no_baselines,
             schedule=args.schedule,
             peak_tflops=args.peak_tflops,
+            profile_dir=args.profile,
             overrides=list(args.overrides),
         )
     )

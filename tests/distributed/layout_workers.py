@@ -23,6 +23,7 @@ from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import UserError
 from megaspan.training.hooks import Hook
 from tests.helpers.models import tiny_overrides
+from tests.helpers.workers import full_tensor
 
 VOCAB = 128
 SEQ = 16
@@ -69,6 +70,7 @@ class Case:
     out_dir: str  # this case's checkpoint directory
     save: bool = False  # save the full state after the last step (for the resharding tests)
     steps: int = STEPS
+    state: bool = False  # also return training_state() at the end (EP=1, no distributed optimizer)
 
     @property
     def name(self) -> str:
@@ -160,6 +162,63 @@ def _trainer(cfg: MegaspanConfig, recorder: LossRecorder):
     return build_trainer(cfg, hooks=[recorder], datasets=datasets, vocab_size=VOCAB)
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _global_name(chunk, name: str) -> str:
+    """``decoder.layers.<local index>.rest`` -> ``decoder.layers.<global index>.rest`` (PP/VPP
+    stages number their layers from 0; ``layer_number`` is Megatron's 1-based global one)."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def training_state(trainer) -> dict | None:
+    """The resumable state as one process would hold it (collective; returned on rank 0):
+    ``adam[(global parameter name, moment)]`` = the full (TP-gathered, every PP stage) Adam moment,
+    ``adam_steps`` = Adam's per-parameter step counts, ``scheduler`` = the LR scheduler's
+    state_dict and ``lr`` = the LR it gives the next update.
+
+    Read from the live optimizer (Megatron's FP32Optimizer over torch Adam, chained with the expert
+    optimizer for MoE), keyed by parameter, so it compares directly across layouts. EP=1 only
+    (local expert index = global). The last PP stage's copy of the tied output weight is left out:
+    the one-process model has only the embedding.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    assert ps.get_expert_model_parallel_world_size() == 1, "training_state: EP=1 layouts only"
+    objs = trainer.objs
+    state = {}
+    for opt in getattr(objs.optimizer, "chained_optimizers", [objs.optimizer]):
+        state.update(opt.optimizer.state)
+    gated = objs.config.gated_linear_unit
+    adam, steps = {}, {}
+    for chunk in objs.chunks:
+        for name, param in chunk.named_parameters():
+            if name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+                continue
+            key = _global_name(chunk, name)
+            moments = state.get(param, {})  # a missing moment must fail the comparison, not here
+            for moment in ADAM_MOMENTS:
+                if moment in moments:
+                    adam[(key, moment)] = full_tensor(name, param, moments[moment], gated)
+            if "step" in moments:
+                steps[key] = float(moments["step"])
+    merged = [None] * dist.get_world_size()
+    dist.all_gather_object(merged, (adam, steps))  # stages hold different layers; TP/DP copies agree
+    if dist.get_rank() != 0:
+        return None
+    out = dict(adam={}, adam_steps={})
+    for rank_adam, rank_steps in merged:
+        out["adam"].update(rank_adam)
+        out["adam_steps"].update(rank_steps)
+    out["scheduler"] = objs.scheduler.state_dict()
+    out["lr"] = objs.scheduler.get_lr(objs.optimizer.param_groups[0])
+    return out
+
+
 def run_case(case: Case) -> dict:
     """Per-step training losses, final validation loss and (if asked) the saved checkpoint."""
     from megaspan.training.checkpoint import checkpoint_name
@@ -181,6 +240,7 @@ def run_case(case: Case) -> dict:
     loaded = time.perf_counter()
     try:
         trainer.fit()  # validation at step 0 and at the end; saves at the end if case.save
+        state = training_state(trainer) if case.state else None  # what the checkpoint holds
     finally:
         trainer.close()
     trained = time.perf_counter()
@@ -189,7 +249,11 @@ def run_case(case: Case) -> dict:
     saved = Path(case.out_dir) / checkpoint_name(case.steps) if case.save else None
     seconds = dict(setup=loaded - start, train=trained - loaded)
     return dict(
-        losses=recorder.losses, valid=valid, checkpoint=str(saved) if saved else None, seconds=seconds
+        losses=recorder.losses,
+        valid=valid,
+        checkpoint=str(saved) if saved else None,
+        state=state,
+        seconds=seconds,
     )
 
 
@@ -229,7 +293,8 @@ def reload_case(job: Reload) -> dict:
         job.placement,
         job.moe,
         job.layout,
-        tempfile.mkdtemp(prefix="megaspan-reload-"),
+        # Next to the saved run (the test's tmp dir), not in /tmp where nothing removes it.
+        tempfile.mkdtemp(prefix="reload-", dir=Path(job.checkpoint).parent.parent),
         resume=job.checkpoint,
         load_optimizer=job.load_optimizer,
     )
@@ -238,15 +303,18 @@ def reload_case(job: Reload) -> dict:
         trainer = _trainer(cfg, recorder)
     except UserError as exc:  # a refused load is a result too (its message is tested)
         return dict(error=str(exc))
+    state = None
     try:
         step = trainer.progress.step
+        if job.load_optimizer:
+            state = training_state(trainer)  # as loaded, before anything else touches it
         valid = trainer.evaluate()
         if job.load_optimizer:
             # Resume exactly where the saved run stopped: same data position and LR schedule.
             trainer.fit()
     finally:
         trainer.close()
-    return dict(valid=valid, step=step, losses=recorder.losses)
+    return dict(valid=valid, step=step, losses=recorder.losses, state=state)
 
 
 def reload_cases(rank: int, world_size: int, jobs: list[Reload]) -> dict[Reload, dict]:

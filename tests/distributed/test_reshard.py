@@ -6,8 +6,9 @@
 3. one process loads every checkpoint twice:
    * weights only (``checkpoint.load_optimizer=false``): the validation loss equals the one the
      saving layout measured on the same weights;
-   * full state (the default): training resumes at step 4 and steps 4-5 reproduce the
-     reference's, which needs the Adam moments and the LR schedule to have resharded exactly.
+   * full state (the default): the Adam moments (every parameter, gathered to full tensors), Adam's
+     step counts and the LR scheduler's state and current LR equal the saving run's exactly, and
+     training resumes at step 4 with steps 4-5 reproducing the reference's.
      Distributed-optimizer state into a plain optimizer is refused with a one-line error (its
      format differs; take the weights only); see FULL_STATE for the CPU limitation.
 """
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.distributed import layout_workers as lw
 
@@ -55,6 +57,7 @@ def runs(tmp_path_factory, dist_pool):
             str(base / _name(p, moe, layout)),
             save=True,
             steps=SAVED_AT,
+            state=(p, moe, layout) in FULL_STATE,
         )
         for p, moe, layout in SOURCES
     ]
@@ -110,6 +113,27 @@ def test_full_state_resumes_in_another_layout(runs, placement, moe, layout):
     assert result["valid"] == pytest.approx(source["valid"], rel=1e-6)
     assert source["losses"] == pytest.approx(ref[:SAVED_AT], rel=1e-5)
     assert result["losses"] == pytest.approx(ref[SAVED_AT:], rel=1e-5), (result["losses"], ref)
+
+
+@pytest.mark.parametrize("placement,moe,layout", FULL_STATE, ids=FULL_IDS)
+def test_full_state_reshards_adam_moments_and_lr_schedule(runs, placement, moe, layout):
+    """The loaded optimizer and scheduler state itself, not only the losses it leads to."""
+    _, saved, reloaded = runs
+    source = saved[_name(placement, moe, layout)]
+    want = source["state"]
+    got = reloaded[lw.Reload(placement, moe, "tp1", source["checkpoint"], True)]["state"]
+    assert got["scheduler"] == want["scheduler"]
+    assert want["scheduler"]["num_steps"] == SAVED_AT
+    assert got["lr"] == want["lr"] > 0
+    # Keys: every parameter of the one-process model x both moments; the saving layout's shards
+    # (TP halves, PP stages, VPP chunks) gathered under the same global names.
+    params = {name for name, _ in got["adam"]}
+    assert got["adam"].keys() == want["adam"].keys() == {(n, m) for n in params for m in lw.ADAM_MOMENTS}
+    assert got["adam_steps"] == want["adam_steps"] and set(got["adam_steps"].values()) == {SAVED_AT}
+    # Trained moments (not a fresh optimizer's zeros), copied bit for bit.
+    assert all(want["adam"][(n, "exp_avg_sq")].abs().sum() > 0 for n in params)
+    different = [key for key, value in want["adam"].items() if not torch.equal(got["adam"][key], value)]
+    assert not different, different[:5]
 
 
 def test_distributed_optimizer_state_into_a_plain_optimizer_is_refused_in_one_line(runs):

@@ -17,19 +17,20 @@ def fixed_batch(seq=16, batch=2):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), position_ids
 
 
-def _full_grad(name: str, param, grad, gated: bool):
-    """Undo TP sharding of a gradient so it can be compared with the TP=1 gradient."""
+def full_tensor(name: str, param, tensor, gated: bool):
+    """Undo TP sharding of ``tensor`` (a gradient or optimizer moment shaped like ``param``) so it
+    can be compared with the TP=1 one. Collective over the parameter's (expert) TP group."""
     from megatron.core import parallel_state as ps
 
     if not getattr(param, "tensor_model_parallel", False):
-        return grad
+        return tensor
     is_expert = ".experts." in name
     group = ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group()
     world = dist.get_world_size(group)
     if world == 1:
-        return grad
-    parts = [torch.empty_like(grad) for _ in range(world)]
-    dist.all_gather(parts, grad.contiguous(), group=group)
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     dim = param.partition_dim
     if gated and "linear_fc1" in name:
         # Each rank's SwiGLU fc1 shard is [gate_i; up_i]; the full weight is [gate; up].
@@ -63,7 +64,7 @@ def loss_and_grads(rank, world_size, tp: int, cases):
         model.finish_grad_sync()
         finalize_model_grads([model])
         grads = {
-            name: _full_grad(name, p, p.main_grad, built.config.gated_linear_unit)
+            name: full_tensor(name, p, p.main_grad, built.config.gated_linear_unit)
             for name, p in model.module.named_parameters()
         }
         results[(placement, moe)] = (loss.item(), grads if rank == 0 else None)

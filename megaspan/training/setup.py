@@ -7,6 +7,7 @@ settings megaspan exposes in its config.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass
 
@@ -88,7 +89,27 @@ def _optimizer(cfg: MegaspanConfig, model: list):
         grad_norm_skip_threshold=sys.float_info.max if cfg.training.guard.policy else float("inf"),
     )
     # Biases and norm weights get no weight decay (Megatron's default parameter groups).
-    return get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model)
+    if cfg.training.guard.policy:
+        _nan_norm_is_infinite(optimizer)
+    return optimizer
+
+
+def _nan_norm_is_infinite(optimizer) -> None:
+    """Report a NaN gradient norm as +inf, so that ``grad_norm_skip_threshold`` skips the update.
+
+    Why: Megatron's ChainedOptimizer skips when ``grad_norm > threshold``, and NaN compares
+    false, so a NaN gradient with a finite loss (an overflow in backward) would be applied and
+    leave NaN weights. With +inf the clip coefficient is 0 and the update is skipped; the guard
+    then sees a non-finite norm on a skipped step and applies its policy.
+    """
+    get_norm = optimizer.get_grad_norm
+
+    def get_grad_norm():
+        norm = get_norm()
+        return math.inf if norm is not None and math.isnan(norm) else norm
+
+    optimizer.get_grad_norm = get_grad_norm
 
 
 def _scheduler(cfg: MegaspanConfig, optimizer):

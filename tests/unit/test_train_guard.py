@@ -60,6 +60,20 @@ class Poison(Hook):
         self.arm(trainer)
 
 
+NAN_GRAD = "nan-grad"
+"""A ``Poison`` factor: the loss stays finite, its gradients are NaN (an overflow in backward)."""
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
 @pytest.fixture
 def poison(monkeypatch):
     monkeypatch.setattr(batches, "PREFETCH", 0)
@@ -69,6 +83,8 @@ def poison(monkeypatch):
     def poisoned(mask, output):
         loss, tokens, report = real(mask, output)
         f = hook.factor
+        if f == NAN_GRAD:
+            return _NanGrad.apply(loss), tokens, report
         return loss * f, tokens, {"lm loss": report["lm loss"] * torch.tensor([f, 1.0])}
 
     monkeypatch.setattr(trainer_module, "loss_func", poisoned)
@@ -116,6 +132,22 @@ def test_skip_drops_the_nan_update_and_trains_on(single_process_group, tmp_path,
         (3, "nonfinite_loss", "skip")
     ]
     assert summary["final_train_loss"] is not None and math.isfinite(summary["final_train_loss"])
+
+
+def test_skip_drops_an_update_whose_gradients_are_nan_with_a_finite_loss(
+    single_process_group, tmp_path, poison
+):
+    # NaN compares false with Megatron's grad_norm_skip_threshold: without megaspan's help the
+    # optimizer applied the NaN update and the run could only stop.
+    poison.factors = {3: NAN_GRAD}
+    trainer, code, summary, _ = _run(tmp_path, poison, "training.guard.policy=skip")
+    assert code == 0 and summary["status"] == "completed" and summary["steps"] == STEPS
+    assert math.isfinite(poison.results[3].loss) and poison.results[3].skipped
+    assert torch.equal(poison.params[3], poison.params[2])
+    assert torch.isfinite(poison.params[STEPS]).all()
+    assert [(e["step"], e["kind"], e["action"]) for e in summary["guard_events"]] == [
+        (3, "nonfinite_grad", "skip")
+    ]
 
 
 def test_skip_on_a_loss_spike(single_process_group, tmp_path, poison):

@@ -9,7 +9,9 @@ all-reduced loss). Then the policy:
 * ``skip``: the update is dropped and training goes on with the next batch. Non-finite
   gradients with a finite loss are Megatron-Core's to catch (``optimizer.step()`` returns
   ``update_successful=False``: fp16's loss scaler always; bf16/fp32 for an infinite norm through
-  ``grad_norm_skip_threshold``, which the guard sets); a NaN norm that got through stops the run;
+  ``grad_norm_skip_threshold``, which the guard sets, with a NaN norm reported as infinite so
+  that the threshold catches it too: ``training.setup``); a non-finite norm on an update that
+  was applied anyway stops the run;
 * ``rollback``: reload the last good checkpoint (``load_checkpoint``), continue the data *after*
   the batch that caused the event (the window since that checkpoint is skipped), multiply the LR
   by ``rollback_lr_factor``; after ``max_retries`` rollbacks the run stops as diverged.

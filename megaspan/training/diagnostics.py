@@ -23,7 +23,17 @@ Activation statistics come from the first micro-batch of the step on data-parall
 rank 0's token shard under sequence parallelism). Parameter statistics (gradient norms, update
 ratios) are exact for the whole model under TP/PP/EP/DP: every rank adds its shard's sum of
 squares divided by the number of ranks holding an identical copy, then one all-reduce over all
-ranks. The MoE load sums the first micro-batch's routing over every data-parallel replica.
+ranks. Under the distributed optimizer a rank's ``main_grad`` is reduced only inside its own
+shard of each gradient bucket (the reduce-scatter leaves local partial sums elsewhere), and with
+``overlap_param_gather`` only that shard of the weights is updated until the next forward; there
+each rank counts only its own shard, whose gradient is exactly what Megatron's own grad norm
+reads. The MoE load sums the first micro-batch's routing over every data-parallel replica.
+
+Hybrid models (``model.arch=hybrid``) report per GPT *block*: a block's two hybrid layers (the
+attention half ``*`` and the MLP/MoE half ``-``/``E``) are one row, keyed on ``block_number``
+(global across pipeline stages), with the block input (the attention half's input) and the
+block output (the MLP half's output) for the stream statistics. A hybrid run and the GPT run of
+the same weights write the same rows.
 
 Records go to TensorBoard (``diag/<field>/layer_NNN``) and, one JSON object per armed step, to
 ``<run_dir>/diagnostics.jsonl`` (``{"step": s, "layers": {"<l>": {field: value}}}``), the source of
@@ -39,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaspan.models.hybrid import HybridHalfLayer
 from megaspan.norms.layer import NormPlacementTransformerLayer
 from megaspan.training.hooks import Hook
 
@@ -60,6 +71,41 @@ UPDATE_FIELDS = (("update_attn", "attn_update_ratio"), ("update_mlp", "mlp_updat
 
 def _layers(chunks) -> list[NormPlacementTransformerLayer]:
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, NormPlacementTransformerLayer)]
+
+
+def block_number(layer) -> int:
+    """The global (1-based) row of ``layer``: its layer number, or a hybrid half's block number."""
+    return layer.block_number if isinstance(layer, HybridHalfLayer) else layer.layer_number
+
+
+def _half(layer) -> str | None:
+    """``"attention"`` / ``"mlp"`` / ``"moe"`` for a hybrid half layer, None for a whole block
+    (not ``getattr(layer, "half")``: every ``nn.Module`` has a ``half()`` method)."""
+    return layer.half if isinstance(layer, HybridHalfLayer) else None
+
+
+def own_shards(model) -> dict[torch.nn.Parameter, tuple[int, int, int]]:
+    """Under the distributed optimizer: param -> (start, end, shard group size), the flat range of
+    the param inside this rank's shard of its DDP bucket (empty when none of it is), from the
+    DDP-wrapped chunks ``model``. Params not sharded (no distributed optimizer) are absent.
+
+    The rule is Megatron's (``shard_buffer`` / ``DistributedOptimizer._build_model_gbuf_range``):
+    each bucket's ``grad_data`` splits into equal contiguous shards, shard ``r`` on group rank ``r``.
+    """
+    out: dict[torch.nn.Parameter, tuple[int, int, int]] = {}
+    for chunk in model or ():
+        for param, group in getattr(chunk, "param_to_bucket_group", {}).items():
+            if not group.ddp_config.use_distributed_optimizer:
+                continue
+            size = group.intra_distributed_optimizer_instance_size
+            rank = group.intra_distributed_optimizer_instance_rank
+            bucket = group.param_to_bucket[param]
+            shard = bucket.grad_data.numel() // size
+            start, end = bucket.param_to_index[param]
+            lo = max(start, rank * shard) - start
+            hi = min(end, (rank + 1) * shard) - start
+            out[param] = (lo, max(lo, hi), size)
+    return out
 
 
 def _grad(param):
@@ -116,13 +162,17 @@ class LayerDiagnostics:
 
     FIELDS = tuple(f for f, _ in ACT_FIELDS) + tuple(f for f, _ in GRAD_FIELDS)
 
-    def __init__(self, chunks, num_layers: int, interval: int | None):
+    def __init__(self, chunks, num_layers: int, interval: int | None, model=None):
+        """``chunks``: the bare model chunks; ``num_layers``: GPT blocks (``model.num_layers``);
+        ``model``: the DDP-wrapped chunks, needed only under the distributed optimizer."""
         self.chunks = chunks
         self.num_layers = num_layers
         self.interval = interval
         self.layers = _layers(chunks)
+        self.shards = own_shards(model)
         self.armed = False
         self._acts: dict[int, tuple[float, ...]] = {}
+        self._block_in: dict[int, torch.Tensor] = {}  # hybrid: attention half's input, per block
         self._moe: dict[int, tuple[torch.Tensor, float, int]] = {}
         self._before: dict[int, torch.Tensor] = {}
         self.num_experts = 0
@@ -132,27 +182,36 @@ class LayerDiagnostics:
                 for module in layer.modules():
                     if _is_moe_router(module):
                         self.num_experts = max(self.num_experts, int(module.weight.shape[0]))
-                        module.register_forward_hook(self._router_hook(layer.layer_number))
+                        module.register_forward_hook(self._router_hook(block_number(layer)))
 
     def arm(self, step: int) -> bool:
         """Record during the step that will be numbered ``step`` (1-based)?"""
         self.armed = bool(self.interval) and step % self.interval == 0
         self._acts.clear()
+        self._block_in.clear()
         self._moe.clear()
         self._before.clear()
         return self.armed
 
     def _hook(self, layer, args, kwargs, output) -> None:
         # Keep the first micro-batch only: one sample per step is the diagnostic, not a mean.
-        if not self.armed or not layer.training or layer.layer_number in self._acts:
+        number = block_number(layer)
+        if not self.armed or not layer.training or number in self._acts:
             return
-        hidden = output[0] if isinstance(output, tuple) else output
         x_in = kwargs.get("hidden_states", args[0] if args else None)
+        if _half(layer) == "attention":
+            # Hybrid: the block's input; its output is the MLP half's, which runs right after in
+            # the same stack (megaspan.models.hybrid.check_pattern keeps the halves together).
+            self._block_in.setdefault(number, x_in)
+            return
+        if _half(layer) is not None:
+            x_in = self._block_in.pop(number, None)
+        hidden = output[0] if isinstance(output, tuple) else output
         with torch.no_grad():
             h = hidden.float()
             rms = float(h.pow(2).mean().sqrt())
             angle = angular_distance(x_in, hidden) if isinstance(x_in, torch.Tensor) else math.nan
-            self._acts[layer.layer_number] = (rms, token_cosine(hidden), angle, float(h.abs().max()))
+            self._acts[number] = (rms, token_cosine(hidden), angle, float(h.abs().max()))
 
     def _router_hook(self, layer_number: int):
         def hook(router, args, output) -> None:
@@ -178,15 +237,27 @@ class LayerDiagnostics:
 
         return hook
 
+    def _own(self, param, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` (shaped like ``param``) that this rank counts: all of it, or
+        its own distributed-optimizer shard."""
+        flat = tensor.reshape(-1)
+        if param not in self.shards:
+            return flat
+        lo, hi, _ = self.shards[param]
+        return flat[lo:hi]
+
     def _param_sums(self, fn) -> torch.Tensor:
-        """[num_layers, 2] (attn, mlp) of fn(name, param) summed so a world all-reduce is exact."""
+        """[num_layers, 2] (attn, mlp) of fn(name, param) summed so a world all-reduce is exact:
+        each value is divided by the number of ranks that count the same elements."""
         table = torch.zeros(self.num_layers, 2, dtype=torch.float64)
         for layer in self.layers:
             for name, param in layer.named_parameters():
                 col = _column(name)
                 value = fn(name, param) if col is not None else None
                 if value is not None:
-                    table[layer.layer_number - 1, col] += value / _copies(name, param)
+                    # Ranks of one distributed-optimizer group count disjoint shards.
+                    sharers = _copies(name, param) / self.shards.get(param, (0, 0, 1))[2]
+                    table[block_number(layer) - 1, col] += value / sharers
         return table
 
     def collect(self, device: torch.device) -> dict[str, float]:
@@ -201,7 +272,7 @@ class LayerDiagnostics:
 
         def grad_sq(name, param):
             grad = _grad(param)
-            return None if grad is None else float(grad.float().pow(2).sum())
+            return None if grad is None else float(self._own(param, grad).float().pow(2).sum())
 
         grads = self._param_sums(grad_sq)
         # MoE: per layer [load per expert..., entropy sum, tokens]; with SP every TP rank routes its
@@ -243,9 +314,10 @@ class LayerDiagnostics:
         return out
 
     def snapshot_weights(self) -> None:
-        """Before the optimizer step: keep the attention/MLP weight matrices (armed steps only)."""
+        """Before the optimizer step: keep the attention/MLP weight matrices (armed steps only;
+        under the distributed optimizer only this rank's shard, the part its step updates)."""
         self._before = {
-            id(p): p.detach().float().clone()
+            id(p): self._own(p, p.detach()).float().clone()
             for layer in self.layers
             for name, p in layer.named_parameters()
             if _column(name) is not None and p.dim() >= 2
@@ -258,7 +330,9 @@ class LayerDiagnostics:
         before = self._before
 
         def delta_sq(name, p):
-            return float((p.detach().float() - before[id(p)]).pow(2).sum()) if id(p) in before else None
+            if id(p) not in before:
+                return None
+            return float((self._own(p, p.detach()).float() - before[id(p)]).pow(2).sum())
 
         def weight_sq(name, p):
             return float(before[id(p)].pow(2).sum()) if id(p) in before else None
@@ -287,7 +361,9 @@ class DiagnosticsHook(Hook):
         self._pending: int | None = None
 
     def on_fit_start(self, trainer) -> None:
-        self.diagnostics = LayerDiagnostics(trainer.objs.chunks, trainer.cfg.model.num_layers, self.interval)
+        self.diagnostics = LayerDiagnostics(
+            trainer.objs.chunks, trainer.cfg.model.num_layers, self.interval, model=trainer.objs.model
+        )
         self.diagnostics.arm(trainer.progress.step + 1)
 
     def before_optimizer_step(self, trainer, step: int) -> None:

@@ -1,0 +1,65 @@
+"""Diagnostics are exact under EP, TP(+SP) and the distributed optimizer: every 2-rank layout
+writes the per-layer numbers that a direct computation on the same model in one process gives.
+
+What each layout checks (SpanNorm, 4 layers, 2 steps; see diag_workers for the set-up):
+
+* ``ep2`` (MoE, EP2 x DP2): the experts are split over the ranks (each counts its own, once)
+  while the router and attention are replicated (counted once, not twice); the load sums both
+  replicas' tokens.
+* ``tp2-sp`` (MoE, TP2 + SP, experts TP-sharded): sharded weights summed over the TP group,
+  replicated ones (norms, router) not double counted; each TP rank routes its own tokens.
+* ``dp2-distopt`` (dense) and ``dp2-ep2-distopt`` (MoE): after the reduce-scatter a rank's
+  ``main_grad`` is reduced only inside its own shard of each bucket (elsewhere it holds local
+  partial sums), so the gradient norm must come from the shards; the overlapped param gather
+  leaves non-own shards stale until the next forward, so the update ratio must too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed import diag_workers as dw
+from tests.helpers.harness import run_distributed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+OVERLAP = ("parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
+CASES = (
+    ("ep2", "moe", ()),
+    ("tp2-sp", "moe", ()),
+    ("dp2-distopt", "dense", ()),
+    ("dp2-distopt", "dense", OVERLAP),
+    ("dp2-ep2-distopt", "moe", ()),
+)
+PARAM_FIELDS = ("attn_grad_norm", "mlp_grad_norm", "attn_update_ratio", "mlp_update_ratio")
+MOE_FIELDS = ("moe_load_cv", "moe_router_entropy")
+REL = 1e-4  # the layouts' losses match one process to ~1e-6; a miscount is a factor of ~2
+
+
+def _check(got: dict, want: dict, what) -> None:
+    assert sorted(got) == sorted(want) == list(range(1, dw.STEPS + 1)), what
+    for step, rows in want.items():
+        assert sorted(got[step]) == sorted(rows), (what, step)
+        for layer, row in rows.items():
+            for key, value in row.items():
+                where = (*what, f"step {step}", f"layer {layer}", key)
+                if key == "moe_tokens_per_expert":
+                    assert got[step][layer][key] == value, where
+                else:
+                    assert got[step][layer][key] == pytest.approx(value, rel=REL), where
+
+
+def test_layouts_match_direct_one_process_computation(tmp_path):
+    models = sorted({name for _, name, _ in CASES})
+    ref = run_distributed(dw.reference_diagnostics, 1, str(tmp_path), models, timeout=600)[0]
+    for name in models:
+        direct = ref[name]["direct"]
+        moe_keys = MOE_FIELDS + ("moe_tokens_per_expert",) if name == "moe" else ()
+        assert all(
+            set(row) == set(PARAM_FIELDS + moe_keys) for rows in direct.values() for row in rows.values()
+        )
+        # Sanity of the direct side: world 1 has no sharding, so diagnostics.py agrees with it.
+        _check(ref[name]["diagnostics"], direct, ("tp1", name))
+    runs = run_distributed(dw.layout_diagnostics, 2, str(tmp_path), CASES, timeout=900)
+    for layout, name, extra in CASES:
+        _check(runs[0][(layout, name, extra)], ref[name]["direct"], (layout, name, extra))

@@ -10,47 +10,14 @@ import torch
 
 from megaspan.models import build_model
 from megaspan.norms import available
-from tests.helpers.models import NUM_LAYERS as L
 from tests.helpers.models import stack_cfg as make_cfg
-from tests.helpers.placements import PLACEMENTS
+from tests.helpers.placements import PLACEMENTS, assert_matches_reference, decoder_of
 from tests.unit import reference
 
 
-def _grads(out, inputs, probe):
-    return torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)
-
-
 def check_against_reference(cfg):
-    built = build_model(cfg, vocab_size=64)
-    decoder = built.chunks[0].decoder
-    decoder.train()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 2, 64, generator=g, requires_grad=True)
-    probe = torch.randn(8, 2, 64, generator=g)
-    params = [p for p in decoder.parameters() if p.requires_grad]
-
-    out = decoder(hidden_states=x, attention_mask=None)
-    grads = _grads(out, [x, *params], probe)
-    ref = reference.stack(
-        cfg.model.norm_placement,
-        decoder,
-        x,
-        L,
-        cfg.model.normalization,
-        cfg.model.layernorm_epsilon,
-        cfg.model.norm,
-    )
-    ref_grads = _grads(ref, [x, *params], probe)
-
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    names = ["input"] + [n for n, p in decoder.named_parameters() if p.requires_grad]
-    # Some gradients are mathematically zero (e.g. a key-norm bias: softmax is shift-invariant),
-    # so the absolute tolerance is relative to the largest gradient, not to each tensor's own.
-    scale = max(b.abs().max().item() for b in ref_grads if b is not None)
-    for name, a, b in zip(names, grads, ref_grads):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    decoder = decoder_of(cfg)
+    assert_matches_reference(cfg, decoder)
     return decoder
 
 

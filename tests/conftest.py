@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
-# Two cores: keep intra-op threading small so multi-process tests do not oversubscribe.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One intra-op thread, for this process and every subprocess it starts. The test models are tiny
+# (a [16, 2, 64] matmul): a second OpenMP thread buys nothing and, on a shared 2-core machine,
+# each op waits for a thread the OS has not scheduled. Measured under load on one 5-step in-process
+# fit (tests/distributed/layout_workers.py config): 32-46 s with 2 threads, 0.6-1.0 s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _CACHE_DIR = Path(tempfile.mkdtemp(prefix="megaspan-test-cache-"))
 os.environ["MEGASPAN_CACHE_DIR"] = str(_CACHE_DIR)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run the test suite (CPU).
 #
-#   tools/test.sh --fast [pytest args]   in-process unit tests + the quickest checks (~3 min on
+#   tools/test.sh --fast [pytest args]   in-process unit tests + the quickest checks (<= 3 min on
 #                                        2 cores): everything not marked integration,
-#                                        distributed, slurm, slow or gpu. No cluster, no linters.
+#                                        distributed, slurm, slow or gpu, in a seeded random
+#                                        order. No cluster, no linters.
 #   tools/test.sh [pytest args]          everything, as CI runs it (.ci/run). Brings up the local
 #                                        Slurm cluster for tests/slurm when possible (root +
 #                                        Debian packages; otherwise those tests skip with a
@@ -16,7 +17,11 @@ cd "$(dirname "$0")/.."
 
 if [[ ${1:-} == --fast ]]; then
     shift
+    # In random order (pytest-randomly, off by default in pyproject.toml), with a fixed seed so a
+    # failure reproduces: override with --randomly-seed=N (or MEGASPAN_TEST_SEED=N), turn the
+    # shuffle off with -p no:randomly.
     exec env PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=10 \
+        -p randomly --randomly-seed="${MEGASPAN_TEST_SEED:-12345}" \
         -m "not (integration or distributed or slurm or slow or gpu)" "$@"
 fi
 

@@ -2,8 +2,8 @@
 one process, and the one-process hybrid run equals the one-process GPT run.
 
 One process trains SpanNorm (dense and MoE) for 5 steps as GPT and as hybrid from the same seed
-(identical weights: see tests/unit/test_hybrid.py) and saves the hybrid starting point; then one
-pool of 2 ranks runs every layout from that checkpoint (weights-only load, resharded by
+(identical weights: see tests/unit/test_hybrid.py) and saves the hybrid starting point; then the
+package's pool of 2 ranks runs every layout from that checkpoint (weights-only load, resharded by
 dist_checkpointing from the hybrid model's per-layer keys) through megaspan's Trainer.
 """
 
@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import layout_workers as lw
-from tests.helpers.harness import run_distributed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 HYBRID = ("model.arch=hybrid",)
 LAYOUTS = (("tp2-sp", False), ("tp2-sp", True), ("pp2", False), ("pp2", True), ("ep2", True))
 REL = 1e-5
+# Pools come from the package's dist_pool (tests/distributed/conftest.py). Measured: both jobs
+# together 77 s at a load average of ~30-60 on 2 cores (pool starts included, which have their
+# own START_TIMEOUT_S); ~5x margin each, instead of 600 s + 900 s.
+REFERENCE_TIMEOUT_S = 300
+LAYOUTS_TIMEOUT_S = 400
 
 
 def _run(moe: bool, layout: str, init: str | None, out_dir: str, extra: tuple[str, ...]) -> dict:
@@ -66,14 +70,14 @@ def layout_cases(rank: int, world_size: int, base: str) -> dict:
     return out
 
 
-def test_hybrid_layouts_match_one_process(tmp_path: Path):
-    ref = run_distributed(reference_cases, 1, str(tmp_path), timeout=600)[0]
+def test_hybrid_layouts_match_one_process(tmp_path: Path, dist_pool):
+    ref = dist_pool(1).run(reference_cases, str(tmp_path), timeout=REFERENCE_TIMEOUT_S)[0]
     for name in ("dense", "moe"):
         assert ref[f"hybrid-{name}"]["layers"][:2] == ["HybridHalfLayer", "HybridHalfLayer"]
         # Same seed, same init order, bitwise-equal steps: the architectures are one model.
         assert ref[f"hybrid-{name}"]["losses"] == ref[f"gpt-{name}"]["losses"]
         assert ref[f"hybrid-{name}"]["losses"][-1] < ref[f"hybrid-{name}"]["losses"][0] - 0.1
-    runs = run_distributed(layout_cases, 2, str(tmp_path), timeout=900)
+    runs = dist_pool(2).run(layout_cases, str(tmp_path), timeout=LAYOUTS_TIMEOUT_S)
     for layout, moe in LAYOUTS:
         name = "moe" if moe else "dense"
         got = [r[f"{layout}-{name}"] for r in runs]

@@ -229,12 +229,6 @@ def check_hybrid(cfg: MegaspanConfig) -> None:
     from megaspan.norms.registry import get_placement_class  # torch-free; resolved at call time
 
     par = cfg.parallel
-    if cfg.model.arch == "hybrid" and cfg.logging.diagnostics_interval:
-        # Diagnostics rows are keyed on layer numbers; hybrid layers number halves of blocks.
-        raise ConfigError(
-            "logging.diagnostics_interval is not supported with model.arch=hybrid yet: "
-            "unset it or use model.arch=gpt (the same model, bitwise)"
-        )
     if cfg.model.arch != "hybrid" or par.recompute_granularity != "full" or par.recompute_method != "block":
         return
     if get_placement_class(cfg.model.norm_placement).block_spanning:

@@ -255,11 +255,3 @@ def test_plan_accepts_hybrid():
     hybrid = plan_json(4, SMALL_MOE + layout + ["model.arch=hybrid"])
     assert hybrid["sharded_total"] == gpt["sharded_total"] == gpt["single_device_params"]
     assert [s["shard"]["layers"] for s in hybrid["stages"]] == [s["shard"]["layers"] for s in gpt["stages"]]
-
-
-def test_diagnostics_refused_on_hybrid_for_now():
-    from megaspan.config import validate
-    from megaspan.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="diagnostics_interval is not supported with model.arch=hybrid"):
-        validate(tiny_cfg("pre", extra=("model.arch=hybrid", "logging.diagnostics_interval=5")))

@@ -2,11 +2,13 @@
 
 Both architectures start from the same weights (same seed, same init order) and are bitwise equal
 step for step, so a hybrid run stopped at step 3 and resumed to step 5 must print the losses of
-an uninterrupted GPT run.
+an uninterrupted GPT run, and write the same per-layer diagnostics (hybrid rows keyed on the
+block number: one row per attention + MLP pair).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ COMMON = (
     "training.eval_interval=100",
     "logging.tensorboard=false",
     "logging.progress_bar=false",
+    "logging.diagnostics_interval=1",
 )
 
 
@@ -43,3 +46,9 @@ def test_hybrid_trains_resumes_and_equals_gpt(tmp_path: Path) -> None:
     resumed = _run(tmp_path / "hybrid", 5, "model.arch=hybrid")
     assert sorted(gpt) == [1, 2, 3, 4, 5] and sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5]
     assert {**first, **resumed} == gpt
+    diag = {
+        arch: [json.loads(line) for line in (tmp_path / arch / "diagnostics.jsonl").read_text().splitlines()]
+        for arch in ("gpt", "hybrid")
+    }
+    assert [r["step"] for r in diag["hybrid"]] == [1, 2, 3, 4, 5]
+    assert diag["hybrid"] == diag["gpt"]

@@ -121,6 +121,10 @@ def destroy_model_parallel() -> None:
     its worker threads (``pt_gloo_runloop``/``gloo_tcp_loop``) and every NCCL group its
     communicator until the process exits, so each re-initialization in a long-lived process
     (tests, resharding, the planner, notebooks) leaked about 20 groups. Destroy them here.
+
+    ``destroy_process_group`` does not stop a gloo group's threads: they stop when the last
+    Python handle of the group dies. Megatron's process-wide caches hold such handles past the
+    models that created them, so they are emptied here too (:func:`_clear_megatron_caches`).
     """
     from megatron.core import parallel_state
 
@@ -128,16 +132,44 @@ def destroy_model_parallel() -> None:
     if parallel_state.model_parallel_is_initialized() or groups:
         parallel_state.destroy_model_parallel()
     _drop_stale_handles(parallel_state)
+    _clear_megatron_caches()
     registry = dist.distributed_c10d._world.pg_map
     for group in groups:
         # Destroying a group can take others with it (a split group's parent), so look again.
         if group in registry:
             dist.destroy_process_group(group)
-    if groups:
-        # A gloo group stops its threads only when its last Python handle dies, and models built
-        # on the old groups hold handles inside reference cycles: collect them now rather than
-        # whenever the cyclic GC next runs (a test session reached 1,000+ idle gloo threads).
-        gc.collect()
+    # Models built on the old groups hold handles inside reference cycles: collect them now
+    # rather than whenever the cyclic GC next runs (a test session reached 1,000+ idle gloo
+    # threads). Also when no group is left: a cache emptied above may have held the last ones.
+    gc.collect()
+
+
+def _clear_megatron_caches() -> None:
+    """Empty Megatron-Core's process-wide state that outlives a model and holds process groups.
+
+    * The MoE metrics tracker (``moe_logging``): its entries keep the reduce groups of the
+      model that last recorded an aux loss, and its per-layer tensors are sized by that model
+      (a deeper MoE model built later in the process indexed past them).
+    * Methods cached with ``functools.lru_cache``: the cache keys hold ``self``, so
+      ``RotaryEmbedding.forward`` (maxsize 32) kept up to 32 dead models' rotary embeddings,
+      each with its context-parallel group, alive for the life of the process (measured: one
+      destroyed group per model built, about 3 gloo threads each). Every cached method of a
+      loaded ``megatron.core`` class is cleared, so one added in an upgrade is covered too.
+    """
+    import sys
+
+    from megatron.core.transformer.moe import moe_logging
+
+    moe_logging.destroy_moe_metrics_tracker()
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("megatron.core"):
+            continue
+        for cls in list(vars(module).values()):
+            if not isinstance(cls, type) or cls.__module__ != name:
+                continue
+            for attr in list(vars(cls).values()):
+                if callable(getattr(attr, "cache_clear", None)):
+                    attr.cache_clear()
 
 
 def _drop_stale_handles(module) -> None:
@@ -175,7 +207,22 @@ def initialize_model_parallel(parallel, seed: int) -> None:
 
 
 def destroy() -> None:
-    """Destroy every process group of this process (model-parallel ones first, then the world)."""
+    """Leave no Megatron or torch.distributed state behind in this process.
+
+    Destroys every process group (model-parallel ones first, then the world), empties
+    Megatron's process-wide caches that hold groups or are sized by a model (MoE metrics
+    tracker, cached methods), and resets the other process-wide Megatron state a trainer sets
+    up (the number-of-microbatches calculator, the model-parallel RNG tracker), so the next
+    model built in this process (a test, a notebook cell, a sweep worker) starts as in a
+    fresh interpreter.
+    """
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.tensor_parallel import random as mpu_random
+
     destroy_model_parallel()
+    destroy_num_microbatches_calculator()
+    # force_reset drops the tracker and its per-name RNG states; the next
+    # initialize_model_parallel seeds a new one.
+    mpu_random.initialize_rng_tracker(force_reset=True)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,116 @@
+"""Re-initializing or destroying the runtime leaves no process group, thread or Megatron state of
+an earlier model alive in the process (in-process: what a long-lived test worker, notebook or
+sweep worker sees).
+
+A gloo group's threads stop only when its last Python handle dies, and Megatron keeps handles
+in process-wide caches that outlive the model: ``RotaryEmbedding.forward`` is an
+``lru_cache`` whose keys hold the embedding (with its context-parallel group), and the MoE
+metrics tracker holds the reduce groups of the model that last recorded an aux loss. The
+groups are tracked through weak references, so the tests see exactly the groups they created,
+whatever other tests of the session left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.helpers.models import tiny_cfg
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+TOKENS = torch.arange(16).reshape(2, 8) % 128
+
+
+def _gloo_threads() -> int:
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            count += Path(f"/proc/self/task/{tid}/comm").read_text().strip() in GLOO_THREADS
+        except OSError:  # the thread ended while we listed
+            pass
+    return count
+
+
+def _current_groups() -> list[weakref.ref]:
+    return [weakref.ref(pg) for pg in dist.distributed_c10d._world.pg_map]
+
+
+def _train_forward(cfg) -> None:
+    """Build a model and run one training-mode forward (rotary embedding, MoE router aux loss)."""
+    from megaspan.models import build_model
+
+    model = build_model(cfg, vocab_size=128).chunks[0]
+    model.train()
+    positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+    model(TOKENS, positions, None, labels=TOKENS).sum().backward()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_reinitializing_after_forward_passes_frees_the_old_groups(single_process_group):
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import initialize_model_parallel
+
+    cfg = tiny_cfg("pre", moe=True, aux_loss=True)
+    initialize_model_parallel(ParallelConfig(), seed=1)
+    _train_forward(cfg)
+    threads = _gloo_threads()
+    for _ in range(6):
+        old = [ref for ref in _current_groups() if ref() is not dist.group.WORLD]
+        initialize_model_parallel(ParallelConfig(), seed=1)
+        alive = [ref() for ref in old if ref() is not None]
+        assert alive == [], f"{len(alive)} destroyed groups still have a live handle"
+        _train_forward(cfg)
+    # One leaked group is about 3 gloo threads at world size 1.
+    assert _gloo_threads() <= threads
+
+
+def test_moe_models_of_different_depth_after_reinitializing(single_process_group):
+    """The MoE metrics tracker is sized by the first model that records into it: without a
+    reset on re-initialization, a deeper model built later indexes past it."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import initialize_model_parallel
+
+    for layers in (2, 4):  # shallower first
+        initialize_model_parallel(ParallelConfig(), seed=1)
+        assert get_moe_metrics_tracker().metrics == {}
+        _train_forward(tiny_cfg("pre", moe=True, aux_loss=True, extra=[f"model.num_layers={layers}"]))
+        assert get_moe_metrics_tracker().metrics
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_destroy_frees_every_group_and_resets_megatron_state(single_process_group):
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import (
+        get_num_microbatches,
+        init_num_microbatches_calculator,
+    )
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import destroy, init_process_group, initialize_model_parallel
+
+    threads = _gloo_threads()
+    initialize_model_parallel(ParallelConfig(), seed=1)
+    _train_forward(tiny_cfg("pre", moe=True, aux_loss=True))
+    init_num_microbatches_calculator(0, None, 8, 2, 1)
+    groups = _current_groups()
+    try:
+        destroy()
+        assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+        alive = [ref() for ref in groups if ref() is not None]
+        assert alive == [], f"{len(alive)} destroyed groups still have a live handle"
+        assert _gloo_threads() < threads  # the world group's own threads are gone too
+        assert get_moe_metrics_tracker().metrics == {}
+        assert get_cuda_rng_tracker().get_states() == {}
+        with pytest.raises(AttributeError):  # no calculator left
+            get_num_microbatches()
+    finally:
+        init_process_group()  # the session's group, for the tests that follow

@@ -43,6 +43,11 @@ TINY = [
     "logging.progress_bar=false",
 ]
 STEPS = 30  # the USR1 run must still be training when the warning arrives after step 3
+# Job waits, measured at a load average of ~60-110 on the 2-core machine (about 3x a quiet run):
+# DP2 run with the cold data-cache build 245 s, USR1 test 323 s in all, sweep 131 s. About 2x that,
+# and each test's waits together stay within pytest-timeout's 900 s, so a hang fails with the
+# job's log tail instead of pytest-timeout's stack dump.
+JOB_TIMEOUT_S = 600
 STEP_RE = re.compile(r"step (\d+)/(\d+) \| loss (\S+)")
 RESUMED_RE = re.compile(r"resumed from checkpoint at step (\d+)")
 LABEL_RE = re.compile(r"^(\d+): ")
@@ -115,7 +120,7 @@ def dp2_run(slurm_session, tmp_path_factory, data_cache) -> tuple[str, Path, dic
     tmp_path = tmp_path_factory.mktemp("dp2")
     runs = tmp_path / "runs"
     job = _submit(slurm_session, tmp_path, runs, *_train_args(data_cache), name="dp2")
-    (rec,) = slurm_session.wait(job, timeout=900, log=runs / "slurm-logs" / f"dp2-{job}.out")
+    (rec,) = slurm_session.wait(job, timeout=JOB_TIMEOUT_S, log=runs / "slurm-logs" / f"dp2-{job}.out")
     return job, runs, rec
 
 
@@ -147,10 +152,10 @@ def test_usr1_preemption_requeues_and_resumes_with_identical_losses(slurm, tmp_p
             raise AssertionError(f"job {job} ended before step 3:\n{text[-4000:]}")
         return False
 
-    wait_for(started, 600, f"job {job} to log step 3 ({log})", interval=0.2)
+    wait_for(started, 300, f"job {job} to log step 3 ({log})", interval=0.2)
     slurm.signal_batch(job, "USR1")  # what --signal=B:USR1@secs does before the time limit
 
-    (rec,) = slurm.wait(job, timeout=900, log=log)
+    (rec,) = slurm.wait(job, timeout=JOB_TIMEOUT_S, log=log)
     text = log.read_text()
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text[-4000:]
     assert rec["Restarts"] == "1", (
@@ -203,7 +208,7 @@ def test_sweep_array_four_cells(slurm, tmp_path, data_cache):
         submit_args=["--sweep", str(sweep), "--array-limit", "2"],
         ntasks=1,
     )
-    recs = slurm.wait(job, timeout=1200)
+    recs = slurm.wait(job, timeout=JOB_TIMEOUT_S)
     logs = sorted((runs / "slurm-logs").glob(f"sweep-{job}_*.out"))
     detail = "\n".join(f"== {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:]) for p in logs)
     assert len(recs) == 4, detail

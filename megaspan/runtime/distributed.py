@@ -6,6 +6,7 @@ import datetime
 import gc
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -144,23 +145,42 @@ def destroy_model_parallel() -> None:
     gc.collect()
 
 
+RESET_NAMES: tuple[tuple[str, str], ...] = (
+    ("megatron.core.transformer.moe.moe_utils", "MoEAuxLossAutoScaler"),
+    ("megatron.core.transformer.multi_token_prediction", "MTPLossAutoScaler"),
+    ("megatron.core.transformer.experimental_attention_variant.dsa", "DSAIndexerLossAutoScaler"),
+)
+"""Megatron-Core classes whose ``main_loss_backward_scale`` (process-wide state) is reset here;
+``tests/unit/test_runtime_leaks.py`` checks that each still has that attribute."""
+
+
 def _clear_megatron_caches() -> None:
-    """Empty Megatron-Core's process-wide state that outlives a model and holds process groups.
+    """Reset Megatron-Core's process-wide state that outlives a model (and may hold its groups).
 
     * The MoE metrics tracker (``moe_logging``): its entries keep the reduce groups of the
       model that last recorded an aux loss, and its per-layer tensors are sized by that model
       (a deeper MoE model built later in the process indexed past them).
+    * The aux-loss backward scales of the MoE, MTP and DSA-indexer loss autoscalers (class
+      attributes, :data:`RESET_NAMES`): the first scale set is kept and later ones are copied
+      into it, so a bare ``backward()`` (0-dim default scale) broke the next trainer's schedule
+      ("output with shape [] doesn't match the broadcast shape [1]"), and a scale of an earlier
+      run's micro-batch count silently scaled the next model's aux-loss gradients.
     * Methods cached with ``functools.lru_cache``: the cache keys hold ``self``, so
       ``RotaryEmbedding.forward`` (maxsize 32) kept up to 32 dead models' rotary embeddings,
       each with its context-parallel group, alive for the life of the process (measured: one
       destroyed group per model built, about 3 gloo threads each). Every cached method of a
       loaded ``megatron.core`` class is cleared, so one added in an upgrade is covered too.
     """
-    import sys
-
     from megatron.core.transformer.moe import moe_logging
 
     moe_logging.destroy_moe_metrics_tracker()
+    for module_name, cls_name in RESET_NAMES:
+        module = sys.modules.get(module_name)  # only what is loaded: nothing else can hold state
+        if module is not None:
+            cls = getattr(module, cls_name)
+            # Megatron's initial values: MTP's scaler starts at 1.0, the others start unset.
+            initial = torch.tensor(1.0) if cls_name == "MTPLossAutoScaler" else None
+            cls.main_loss_backward_scale = initial
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith("megatron.core"):
             continue

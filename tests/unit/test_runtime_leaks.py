@@ -12,6 +12,7 @@ whatever other tests of the session left behind.
 
 from __future__ import annotations
 
+import importlib
 import os
 import weakref
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megaspan.runtime.distributed import RESET_NAMES
 from tests.helpers.models import tiny_cfg
 
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
@@ -69,10 +71,13 @@ def test_reinitializing_after_forward_passes_frees_the_old_groups(single_process
     assert _gloo_threads() <= threads
 
 
-def test_moe_models_of_different_depth_after_reinitializing(single_process_group):
-    """The MoE metrics tracker is sized by the first model that records into it: without a
-    reset on re-initialization, a deeper model built later indexes past it."""
+def test_moe_state_is_reset_by_reinitializing(single_process_group):
+    """Megatron's MoE state is process-wide: the metrics tracker is sized by the first model
+    that records into it (a deeper model built later indexed past it), and the aux-loss
+    backward scale keeps the first tensor set (a bare backward stores a 0-dim one, into which
+    the next trainer's schedule cannot copy its [1] scale) and its value."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megaspan.config.schema import ParallelConfig
     from megaspan.runtime import initialize_model_parallel
@@ -80,8 +85,18 @@ def test_moe_models_of_different_depth_after_reinitializing(single_process_group
     for layers in (2, 4):  # shallower first
         initialize_model_parallel(ParallelConfig(), seed=1)
         assert get_moe_metrics_tracker().metrics == {}
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale is None
+        # What a trainer's schedule does before backward: a [1]-shaped 1/num_microbatches.
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full([1], 0.25))
         _train_forward(tiny_cfg("pre", moe=True, aux_loss=True, extra=[f"model.num_layers={layers}"]))
         assert get_moe_metrics_tracker().metrics
+    initialize_model_parallel(ParallelConfig(), seed=1)  # leave Megatron's initial state behind
+
+
+@pytest.mark.parametrize("module,cls", RESET_NAMES, ids=[c for _, c in RESET_NAMES])
+def test_reset_megatron_names_exist(module, cls):
+    """Contract: the classes whose loss scale the runtime resets still carry it."""
+    assert hasattr(getattr(importlib.import_module(module), cls), "main_loss_backward_scale")
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
@@ -93,6 +108,7 @@ def test_destroy_frees_every_group_and_resets_megatron_state(single_process_grou
     )
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megaspan.config.schema import ParallelConfig
     from megaspan.runtime import destroy, init_process_group, initialize_model_parallel
@@ -109,6 +125,7 @@ def test_destroy_frees_every_group_and_resets_megatron_state(single_process_grou
         assert alive == [], f"{len(alive)} destroyed groups still have a live handle"
         assert _gloo_threads() < threads  # the world group's own threads are gone too
         assert get_moe_metrics_tracker().metrics == {}
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale is None
         assert get_cuda_rng_tracker().get_states() == {}
         with pytest.raises(AttributeError):  # no calculator left
             get_num_microbatches()

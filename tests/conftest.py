@@ -6,8 +6,8 @@
 * Tiers (``tools/test.sh --fast`` deselects the slow ones): markers are declared in pyproject.toml.
   ``--all`` runs the full placement x layout matrix of the distributed tests.
 * In-process Megatron: ``single_process_group`` (world size 1, CPU emulation switched on
-  explicitly) and ``mcore`` (fresh model-parallel state per test; the runtime destroys the
-  previous groups, so re-initializing per test holds one set of gloo threads).
+  explicitly) and ``mcore`` (model-parallel state reseeded and Megatron's caches emptied per
+  test; the world-size-1 groups are kept from one test to the next).
 """
 
 from __future__ import annotations
@@ -122,11 +122,12 @@ def single_process_group():
 
 @pytest.fixture
 def mcore(single_process_group):
-    """Fresh Megatron model-parallel state (TP=PP=EP=1) seeded identically for each test."""
-    from megaspan.config.schema import ParallelConfig
-    from megaspan.runtime import initialize_model_parallel
+    """Megatron model-parallel state (TP=PP=EP=1) seeded identically for each test, with Megatron's
+    process-wide caches emptied; world-size-1 groups of an earlier test are reused
+    (:func:`tests.helpers.models.fresh_model_parallel`: re-creating them was ~0.4 s a test)."""
+    from tests.helpers.models import fresh_model_parallel
 
-    initialize_model_parallel(ParallelConfig(), seed=1234)
+    fresh_model_parallel(seed=1234)
     yield
 
 

@@ -70,3 +70,35 @@ SMALL_MOE = tiny_overrides(
     aux_loss=True,
     extra=("model.vocab_size=128", "training.micro_batch_size=1", "training.global_batch_size=8"),
 )
+
+
+def fresh_model_parallel(seed: int = 1234) -> None:
+    """Megatron's model-parallel state at world size 1 (TP=PP=EP=CP=1), seeded with ``seed``:
+    what ``megaspan.runtime.initialize_model_parallel(ParallelConfig(), seed)`` leaves, without
+    re-creating the groups when this process already holds world-size-1 ones.
+
+    A re-initialization costs ~0.4 s (the runtime destroys the old groups and runs a full garbage
+    collection so their gloo threads stop), paid per in-process test and per model built from
+    the same seed: about half of the fast tier. At world size 1 every group holds this one rank,
+    so a model cannot tell reused groups from new ones; what a model can see is re-done as the
+    runtime does it: Megatron's process-wide caches are emptied and the RNG tracker reseeded
+    (``tests/unit/test_test_helpers.py`` checks both paths build identical models).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import initialize_model_parallel
+    from megaspan.runtime.distributed import _clear_megatron_caches
+
+    reusable = (
+        dist.is_initialized()
+        and parallel_state.model_parallel_is_initialized()
+        and dist.get_world_size() == 1
+        and parallel_state.get_virtual_pipeline_model_parallel_world_size() is None
+    )
+    if not reusable:
+        initialize_model_parallel(ParallelConfig(), seed=seed)
+        return
+    _clear_megatron_caches()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megaspan.config.schema import ParallelConfig
 from megaspan.models import build_model
 from megaspan.models.convert import gpt_to_hybrid_state_dict, hybrid_to_gpt_state_dict
 from megaspan.models.hybrid import (
@@ -22,15 +21,14 @@ from megaspan.models.hybrid import (
     pattern_for,
 )
 from megaspan.norms import available
-from megaspan.runtime import initialize_model_parallel
-from tests.helpers.models import tiny_cfg
+from tests.helpers.models import fresh_model_parallel, tiny_cfg
 
 PLACEMENTS = list(available())
 VOCAB = 128
 
 
 def _build(cfg, hybrid: bool):
-    initialize_model_parallel(ParallelConfig(), seed=1234)  # same init stream for both builds
+    fresh_model_parallel(seed=1234)  # same init stream for both builds
     return (build_hybrid_model if hybrid else build_model)(cfg, VOCAB).chunks[0]
 
 

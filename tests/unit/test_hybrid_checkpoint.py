@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megaspan.config.schema import ParallelConfig
 from megaspan.models import build_model
 from megaspan.models.convert import (
     gpt_to_hybrid_state_dict,
@@ -21,8 +20,7 @@ from megaspan.models.convert import (
 )
 from megaspan.models.hybrid import build_hybrid_model
 from megaspan.norms import available
-from megaspan.runtime import initialize_model_parallel
-from tests.helpers.models import tiny_cfg
+from tests.helpers.models import fresh_model_parallel, tiny_cfg
 
 VOCAB = 128
 _META = {
@@ -33,7 +31,7 @@ _META = {
 
 
 def _build(cfg, hybrid: bool, seed: int):
-    initialize_model_parallel(ParallelConfig(), seed=seed)
+    fresh_model_parallel(seed=seed)
     return (build_hybrid_model if hybrid else build_model)(cfg, VOCAB)
 
 

@@ -24,14 +24,12 @@ import inspect
 import pytest
 import torch
 
-from megaspan.config.schema import ParallelConfig
 from megaspan.models import build_model
 from megaspan.models.build import placement_for
 from megaspan.models.hybrid import build_hybrid_model, hybrid_transformer_config
 from megaspan.models.mcore_config import transformer_config
 from megaspan.norms import available
-from megaspan.runtime import initialize_model_parallel
-from tests.helpers.models import tiny_cfg
+from tests.helpers.models import fresh_model_parallel, tiny_cfg
 
 VOCAB = 128
 STD = ("model.init_method_std=0.02",)  # Megatron-LM passes --init-method-std explicitly
@@ -101,9 +99,9 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("placement", list(available()))
 def test_pretrain_gpt_spec_equals_megaspan(mcore, placement):
     cfg = tiny_cfg(placement, extra=STD)
-    initialize_model_parallel(ParallelConfig(), seed=1234)
+    fresh_model_parallel(seed=1234)
     ours = build_model(cfg, VOCAB).chunks[0]
-    initialize_model_parallel(ParallelConfig(), seed=1234)
+    fresh_model_parallel(seed=1234)
     model_config = GPTModelConfig(_megatron_lm_transformer_config(cfg))
     theirs = _gpt_builder(model_config, placement)
     assert len(model_config.pre_wrap_hooks) == 1
@@ -120,9 +118,9 @@ def test_pretrain_hybrid_spec_equals_megaspan(mcore, placement):
     from megatron.core.transformer.spec_utils import import_module
 
     cfg = tiny_cfg(placement, moe=True, extra=(*STD, "model.moe.layer_freq=2"))
-    initialize_model_parallel(ParallelConfig(), seed=1234)
+    fresh_model_parallel(seed=1234)
     ours = build_hybrid_model(cfg, VOCAB).chunks[0]
-    initialize_model_parallel(ParallelConfig(), seed=1234)
+    fresh_model_parallel(seed=1234)
     plain = _megatron_lm_transformer_config(cfg)
     theirs = HybridModel(
         config=hybrid_transformer_config(plain, placement_for(tiny_cfg("pre"))),

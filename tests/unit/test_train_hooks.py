@@ -48,13 +48,26 @@ def _trainer(tmp_path: Path, *hooks: Hook, **options):
     return build_trainer(cfg, hooks=list(hooks), datasets=_datasets(), vocab_size=lw.VOCAB)
 
 
-def test_a_hook_from_outside_sees_every_step(single_process_group, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted run with a :class:`Recorder`, shared by the module's tests that read it
+    (the hook test and the resume tests' reference losses): ``(trainer, recorder)``."""
+    from megaspan.runtime import init_process_group, setup_cpu
+
+    setup_cpu()  # what single_process_group does (function-scoped, so not usable here)
+    init_process_group()
     rec = Recorder()
-    trainer = _trainer(tmp_path, rec)
+    trainer = _trainer(tmp_path_factory.mktemp("straight"), rec)
     try:
-        assert trainer.fit() == 0
+        code = trainer.fit()
     finally:
         trainer.close()
+    assert code == 0
+    return trainer, rec
+
+
+def test_a_hook_from_outside_sees_every_step(straight):
+    trainer, rec = straight
     assert rec.calls == ["start"] + ["step"] * lw.STEPS + ["end"]
     assert rec.before == list(range(1, lw.STEPS + 1))
     assert rec.losses[lw.STEPS] < rec.losses[1] - 0.1  # it really trained
@@ -103,13 +116,9 @@ def test_no_host_sync_for_the_loss_between_log_steps(single_process_group, tmp_p
 
 
 @pytest.mark.parametrize("stop_step", [1, 3])
-def test_resume_after_a_stop_matches_the_uninterrupted_losses(single_process_group, tmp_path, stop_step):
-    straight = Recorder()
-    trainer = _trainer(tmp_path / "a", straight)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+def test_resume_after_a_stop_matches_the_uninterrupted_losses(
+    single_process_group, tmp_path, stop_step, straight
+):
     first, second = Recorder(), Recorder()
     trainer = _trainer(tmp_path / "b", StopAt(stop_step), first)
     try:
@@ -122,7 +131,7 @@ def test_resume_after_a_stop_matches_the_uninterrupted_losses(single_process_gro
         trainer.fit()
     finally:
         trainer.close()
-    assert {**first.losses, **second.losses} == straight.losses  # exact
+    assert {**first.losses, **second.losses} == straight[1].losses  # exact
 
 
 def test_train_leaves_a_world_group_it_did_not_create(single_process_group, tmp_path):

@@ -84,9 +84,10 @@ def _write_run(run_dir: Path, placement: str, depth: int, seed: int, *, diverged
     (run_dir / "diagnostics.jsonl").write_text("\n".join(records) + '\n{"step": 30, "lay')  # torn line
 
 
-@pytest.fixture
-def sweep_dir(tmp_path):
-    root = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """The synthetic sweep, written once per module: the tests only read it (reports go elsewhere)."""
+    root = tmp_path_factory.mktemp("sweep") / "demo"
     cells = []
     for p in PLACEMENTS:
         for d in DEPTHS:

@@ -103,6 +103,7 @@ def test_reset_megatron_names_exist(module, cls):
 def test_destroy_frees_every_group_and_resets_megatron_state(single_process_group):
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
         get_num_microbatches,
         init_num_microbatches_calculator,
     )
@@ -116,7 +117,8 @@ def test_destroy_frees_every_group_and_resets_megatron_state(single_process_grou
     threads = _gloo_threads()
     initialize_model_parallel(ParallelConfig(), seed=1)
     _train_forward(tiny_cfg("pre", moe=True, aux_loss=True))
-    init_num_microbatches_calculator(0, None, 8, 2, 1)
+    destroy_num_microbatches_calculator()  # an earlier in-process trainer may have left one
+    init_num_microbatches_calculator(0, None, 8, 2, 1)  # what a trainer sets up
     groups = _current_groups()
     try:
         destroy()

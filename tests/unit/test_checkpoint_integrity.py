@@ -75,6 +75,26 @@ def _shard(path: Path) -> Path:
     return max((p for p in path.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
 
 
+def _damage(path: Path, damage: str) -> str:
+    """Damage the checkpoint at ``path`` one way; returns the name of the file that is wrong."""
+    shard = _shard(path)
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "delete":
+        shard.unlink()
+    elif damage == "garbage":  # same size: only the checksum sees it
+        shard.write_bytes(os.urandom(shard.stat().st_size))
+    elif damage == "no_meta":
+        (path / META_FILE).unlink()
+        return META_FILE
+    elif damage == "no_metadata_json":
+        (path / "metadata.json").unlink()
+        return "metadata.json"
+    else:
+        raise ValueError(damage)
+    return shard.name
+
+
 # ---- manifest ----------------------------------------------------------------------------------
 
 
@@ -94,17 +114,7 @@ def test_commit_records_a_manifest_of_every_file(mcore, tmp_path):
 def test_damage_is_detected(mcore, tmp_path, damage):
     objs = _objs()
     path = _save(objs, tmp_path, 1)
-    shard = _shard(path)
-    if damage == "truncate":
-        shard.write_bytes(shard.read_bytes()[:100])
-    elif damage == "delete":
-        shard.unlink()
-    elif damage == "garbage":  # same size: only the checksum sees it
-        shard.write_bytes(os.urandom(shard.stat().st_size))
-    elif damage == "no_meta":
-        (path / META_FILE).unlink()
-    else:
-        (path / "metadata.json").unlink()
+    _damage(path, damage)
     problem = check_checkpoint(path, verify=True)
     assert problem is not None
     assert is_valid(path) is (damage == "garbage")  # the cheap check is sizes only
@@ -136,19 +146,13 @@ def test_auto_resume_with_checksums_skips_overwritten_newest(mcore, tmp_path):
 def test_explicit_corrupt_resume_is_one_line(mcore, tmp_path, damage):
     objs = _objs()
     path = _save(objs, tmp_path, 1)
-    shard = _shard(path)
-    if damage == "truncate":
-        shard.write_bytes(shard.read_bytes()[:100])
-    elif damage == "garbage":
-        shard.write_bytes(os.urandom(shard.stat().st_size))
-    else:
-        (path / META_FILE).unlink()
+    wrong = _damage(path, damage)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path, objs.chunks, objs.optimizer, objs.scheduler)
     text = _one_line(err.value)
     assert str(path) in text
     if damage != "no_meta":
-        assert shard.name in text
+        assert wrong in text
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "no_meta", "no_metadata_json"])
@@ -159,19 +163,7 @@ def test_explicit_unusable_resume_target_names_the_file(mcore, tmp_path, damage)
     from megaspan.training.build import resolve_resume
 
     path = _save(_objs(), tmp_path, 1)
-    shard = _shard(path)
-    if damage == "truncate":
-        shard.write_bytes(shard.read_bytes()[:100])
-        expected = shard.name
-    elif damage == "garbage":  # same size: only the checksum sees it
-        shard.write_bytes(os.urandom(shard.stat().st_size))
-        expected = shard.name
-    elif damage == "no_meta":
-        (path / META_FILE).unlink()
-        expected = META_FILE
-    else:
-        (path / "metadata.json").unlink()
-        expected = "metadata.json"
+    expected = _damage(path, damage)
     cfg = load_config(None, tiny_overrides(extra=[f"checkpoint.resume={path}"]))
     with pytest.raises(CheckpointError) as err:
         resolve_resume(cfg)

@@ -20,6 +20,15 @@ from megaspan.runtime import cpu_compat
 from tests.helpers.isolate import rerun_isolated
 
 
+def _fresh_python(code: str, timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run ``code`` in a fresh interpreter (this process has long applied the emulation); its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def _resolve(module: str, attr: str):
     try:
         obj = importlib.import_module(module)
@@ -53,9 +62,7 @@ def test_cpu_emulation_is_explicit():
         "    assert 'setup_cpu()' in str(exc), exc\n"
         "    print('refused')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "refused" in out.stdout
+    assert "refused" in _fresh_python(code, timeout=120)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
@@ -101,9 +108,7 @@ def test_inert_when_cuda_is_available():
         "assert torch.cuda.current_device is before and not cpu_compat.is_applied()\n"
         "print('inert')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "inert" in out.stdout
+    assert "inert" in _fresh_python(code, timeout=300)
 
 
 def test_cpu_rng_tracker_fork_restores_state(single_process_group):
@@ -138,10 +143,7 @@ def test_single_process_ignores_an_inherited_busy_master_port():
             "from megaspan.runtime import init_process_group, destroy\n"
             "init_process_group(timeout_s=60); destroy(); print('ok')\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-        )
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+        assert "ok" in _fresh_python(code, timeout=300, env=env)
 
 
 def _os_threads() -> list[str]:

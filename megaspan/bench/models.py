@@ -120,22 +120,6 @@ def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
     return [chunk], tconfig, impl, padded
 
 
-def _objects_from_chunks(cfg: MegaspanConfig, chunks: list, tconfig):
-    """DDP + optimizer + scheduler around given chunks, exactly as ``build_training_objects``."""
-    from megatron.core.distributed import finalize_model_grads
-
-    from megaspan.training import setup
-
-    with setup.cuda_free():
-        model = setup._wrap_ddp(cfg, chunks, tconfig)
-        optimizer = setup._optimizer(cfg, model)
-        scheduler = setup._scheduler(cfg, optimizer)
-    tconfig.grad_scale_func = optimizer.scale_loss
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    num_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    return setup.TrainingObjects(model, chunks, optimizer, scheduler, tconfig, num_params)
-
-
 def _trainer_step(cfg: MegaspanConfig, objs, dataset) -> Callable[[], object]:
     """One step of megaspan's trainer over ``objs``: the adapter to the trainer's step API.
 
@@ -235,16 +219,16 @@ def build_candidate(
     ``cfg_for(placement)`` returns the bench config with ``model.norm_placement`` set (the
     baselines use ``pre``'s config: the same ``TransformerConfig`` as megaspan's ``pre``).
     """
+    from megaspan.training import setup
+
     cfg = cfg_for("pre" if name in (STOCK, BARE_LOOP) else name)
     _reseed(cfg.training.seed)
     if name in (STOCK, BARE_LOOP):
         chunks, tconfig, impl, padded = _stock_chunks(cfg, vocab_size)
-        objs = _objects_from_chunks(cfg, chunks, tconfig)
+        objs = setup.training_objects(cfg, chunks, tconfig)
         step = _trainer_step(cfg, objs, dataset) if name == STOCK else _bare_step(cfg, objs, dataset, device)
         return Candidate(name, name, "pre", impl, objs.num_params, padded, step, objs)
-    from megaspan.training.setup import build_training_objects
-
-    objs = build_training_objects(cfg, vocab_size)
+    objs = setup.build_training_objects(cfg, vocab_size)
     impl, padded = _impl_of(cfg), _padded(cfg, vocab_size)
     return Candidate(
         name, "megaspan", name, impl, objs.num_params, padded, _trainer_step(cfg, objs, dataset), objs

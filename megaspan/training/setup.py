@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -135,21 +136,31 @@ def _scheduler(cfg: MegaspanConfig, optimizer):
 
 
 def build_training_objects(cfg: MegaspanConfig, vocab_size: int) -> TrainingObjects:
-    from megatron.core.distributed import finalize_model_grads
-
     from megaspan.models import build_model
 
     built = build_model(cfg, vocab_size)
+    return training_objects(cfg, built.chunks, built.config)
+
+
+def training_objects(cfg: MegaspanConfig, chunks: list, tconfig) -> TrainingObjects:
+    """DDP + optimizer + scheduler around built model chunks, and the TransformerConfig hooks the
+    schedules call (also used by ``megaspan bench`` for Megatron's stock model)."""
+    from megatron.core.distributed import finalize_model_grads
+
     with cuda_free():
-        model = _wrap_ddp(cfg, built.chunks, built.config)
+        model = _wrap_ddp(cfg, chunks, tconfig)
         optimizer = _optimizer(cfg, model)
         scheduler = _scheduler(cfg, optimizer)
-    tconfig = built.config
     # The schedules read these hooks from the TransformerConfig (as megatron.training.train does).
-    tconfig.grad_scale_func = optimizer.scale_loss
+    # Through a weak reference: a bound method here closes the cycle config -> optimizer -> DDP
+    # -> modules -> config, which the garbage collector did not free with the distributed
+    # optimizer, so every trainer built in a long-lived process (tests, sweeps, notebooks) kept
+    # its model and ~20 gloo groups' threads alive.
+    scale_loss = weakref.WeakMethod(optimizer.scale_loss)
+    tconfig.grad_scale_func = lambda loss: scale_loss()(loss)
     tconfig.finalize_model_grads_func = finalize_model_grads
     if cfg.parallel.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in model]
         tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    num_params = sum(p.numel() for chunk in built.chunks for p in chunk.parameters())
-    return TrainingObjects(model, built.chunks, optimizer, scheduler, tconfig, num_params)
+    num_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    return TrainingObjects(model, chunks, optimizer, scheduler, tconfig, num_params)

@@ -133,3 +133,25 @@ def test_destroy_frees_every_group_and_resets_megatron_state(single_process_grou
             get_num_microbatches()
     finally:
         init_process_group()  # the session's group, for the tests that follow
+
+
+def test_training_objects_are_freed_with_the_distributed_optimizer(single_process_group):
+    """The schedules' loss-scale hook holds the optimizer weakly: a bound method on the
+    TransformerConfig closed a cycle (config -> optimizer -> DDP -> modules -> config) that the
+    garbage collector did not free with the distributed optimizer, so each trainer built in a
+    long-lived process kept its model and its groups' gloo threads."""
+    import gc
+
+    from megaspan.config.schema import ParallelConfig
+    from megaspan.runtime import initialize_model_parallel
+    from megaspan.training.setup import build_training_objects
+
+    initialize_model_parallel(ParallelConfig(), seed=1)
+    objs = build_training_objects(
+        tiny_cfg("pre", extra=["parallel.use_distributed_optimizer=true"]), vocab_size=128
+    )
+    assert objs.config.grad_scale_func(torch.tensor(3.0)).item() == 3.0  # fp32: loss scale 1
+    refs = [weakref.ref(objs.chunks[0]), weakref.ref(objs.model[0]), weakref.ref(objs.optimizer)]
+    del objs
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]

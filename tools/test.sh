@@ -20,6 +20,10 @@ if [[ ${1:-} == --fast ]]; then
     # In random order (pytest-randomly, off by default in pyproject.toml), with a fixed seed so a
     # failure reproduces: override with --randomly-seed=N (or MEGASPAN_TEST_SEED=N), turn the
     # shuffle off with -p no:randomly.
+    if ! .venv/bin/python -c 'import pytest_randomly' 2>/dev/null; then
+        echo "tools/test.sh: pytest-randomly is missing (the [test] extra): run tools/setup.sh" >&2
+        exit 2
+    fi
     exec env PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=10 \
         -p randomly --randomly-seed="${MEGASPAN_TEST_SEED:-12345}" \
         -m "not (integration or distributed or slurm or slow or gpu)" "$@"

@@ -11,7 +11,6 @@ from megaspan.training.build import build_trainer
 from megaspan.training.checkpoint import checkpoint_name, find_latest_valid
 from megaspan.training.hooks import Hook
 from tests.distributed import layout_workers as lw
-from tests.helpers.isolate import rerun_isolated
 
 
 class Recorder(Hook):
@@ -163,15 +162,10 @@ def test_train_leaves_a_world_group_it_did_not_create(single_process_group, tmp_
 
 
 @pytest.mark.integration
-def test_moe_models_of_different_depth_train_in_one_process(request, tmp_path):
+def test_moe_models_of_different_depth_train_in_one_process(single_process_group, tmp_path):
     """Megatron's MoE aux-loss tracker is process-wide and sized by the first model that records
-    into it; a deeper MoE model trained later in the same process must not inherit it."""
-    if rerun_isolated(request):  # other tests' MoE models leave process-wide Megatron state
-        return
-    from megaspan.runtime import init_process_group, setup_cpu
-
-    setup_cpu()
-    init_process_group()
+    into it; a deeper MoE model trained later in the same process must not inherit it (nor the
+    aux-loss scale an earlier test's bare backward left: the runtime resets both)."""
     for layers in (2, 4):  # shallower first: the deeper one would index past a 2-layer tracker
         cfg = lw.layout_config(
             "pre", True, "tp1", str(tmp_path / f"run{layers}"), steps=2, extra=(f"model.num_layers={layers}",)

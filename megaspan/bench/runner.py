@@ -370,7 +370,10 @@ def _time_models(
         never lands in the medians)."""
         if profile_dir is not None:
             label = f"{cand.name}-{precision}"
-            rows[cand.name].extra["profile"] = profile_step(cand.step, Path(profile_dir), label, cuda)
+            modules = cand.objs.model if cand.objs is not None else ()
+            rows[cand.name].extra["profile"] = profile_step(
+                cand.step, Path(profile_dir), label, cuda, modules=modules
+            )
 
     if schedule == "round-robin":
         cands = [make(n) for n in names]

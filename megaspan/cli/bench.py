@@ -91,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         a, b = (report.load(path, "--compare") for path in args.compare)
         print(report.compare(a, b, *args.compare))
         return 0
+    if args.profile:
+        import os
+
+        # Before torch loads Kineto: its logger prints a CUDA probe error on CPU-only machines.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     from megaspan.bench.runner import BenchOptions, run_bench
 
     doc = run_bench(

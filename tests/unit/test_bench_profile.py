@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from megaspan.bench import report
-from megaspan.bench.profile import is_norm_op, profile_step, summarize
+from megaspan.bench.profile import (
+    NORM_RANGE,
+    is_norm_op,
+    mark_norms,
+    norm_time_from_ranges,
+    profile_step,
+    summarize,
+)
 
 
 def test_norm_ops_are_recognised_forward_and_backward():
@@ -31,28 +39,55 @@ def test_summary_share_and_top_ops():
     assert summarize([])["norm_share"] is None
 
 
-def test_profiled_step_writes_table_trace_and_a_norm_share(tmp_path):
-    # A step whose only work is a matmul and a LayerNorm, forward and backward: the share is
-    # strictly between 0 and 1, and it grows when the norm is applied more times.
+class WrappedNorm(torch.nn.Module):
+    """Like a placement's wrapper around Megatron's norm: must count once, not twice."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("norm_cls", [torch.nn.LayerNorm, torch.nn.RMSNorm])
+def test_profiled_step_times_the_norms_forward_and_backward(tmp_path, norm_cls):
+    # A step of one matmul and `times` norm applications, forward and backward. torch's RMSNorm
+    # on CPU runs as pow/mean/rsqrt/mul: no op name says "norm", the module ranges still do.
     torch.manual_seed(0)
     x = torch.randn(64, 256, requires_grad=True)
     w = torch.randn(256, 256, requires_grad=True)
-    norm = torch.nn.LayerNorm(256)
+    model = torch.nn.ModuleList([WrappedNorm(norm_cls(256))])
 
     def step(times):
         def run():
             h = x @ w
             for _ in range(times):
-                h = norm(h)
+                h = model[0](h)
             h.sum().backward()
 
         return run
 
-    one = profile_step(step(1), tmp_path, "one", cuda=False)
-    many = profile_step(step(8), tmp_path, "many", cuda=False)
-    assert 0 < one["norm_share"] < 1 and many["norm_share"] > one["norm_share"]
-    assert "native_layer_norm" in (tmp_path / "one.txt").read_text()
+    one = profile_step(step(1), tmp_path, "one", cuda=False, modules=[model])
+    many = profile_step(step(8), tmp_path, "many", cuda=False, modules=[model])
+    assert (one["norm_calls"], many["norm_calls"]) == (1, 8)  # the wrapper counts once
+    assert 0 < one["norm_share"] < many["norm_share"] < 1
+    # Backward is attributed: the norm time exceeds the forward ranges alone.
+    events = []
+    with torch.profiler.profile() as prof:
+        handles = mark_norms([model])
+        step(8)()
+        for h in handles:
+            h.remove()
+    events = prof.events()
+    forward_only = sum(e.cpu_time_total for e in events if e.name == NORM_RANGE)
+    total, calls = norm_time_from_ranges(events)
+    assert calls == 8 and total > forward_only > 0
+    assert "aten::mm" in (tmp_path / "one.txt").read_text()
     assert json.loads((tmp_path / "one.trace.json").read_text())["traceEvents"]
+    # Without module hooks the norm share comes from op names (GPU kernels).
+    plain = profile_step(step(1), tmp_path, "plain", cuda=False)
+    assert plain["norm_method"] == "op names"
 
 
 def _doc(profile_share):

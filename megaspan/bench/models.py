@@ -13,7 +13,6 @@ Data is synthetic and in memory: a fixed pool of random token sequences, no toke
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -128,31 +127,14 @@ def _trainer_step(cfg: MegaspanConfig, objs, dataset) -> Callable[[], object]:
     logs, evaluates and saves nothing. Returns what the step returns (read ``loss`` later: the
     host sync is the caller's, outside the timed region).
     """
-    import inspect
-
     from megaspan.training import trainer as tr
+    from megaspan.training.build import rank_position
     from megaspan.training.metrics import MetricsLogger
     from megaspan.training.signals import PreemptionFlag
 
     log = MetricsLogger(False, cfg.training.steps, None, False, False, None)
-    if "hooks" in inspect.signature(tr.Trainer).parameters:
-        from megaspan.training.build import rank_position
-
-        trainer = tr.Trainer(
-            cfg, objs, (dataset, dataset), rank_position(cfg), log, [], preempt=PreemptionFlag()
-        )
-        return trainer.train_step
-    # The trainer before the hooks rewrite: train_step(iterators, step) + the loop's preemption check.
-    trainer = tr.Trainer(cfg, objs, (dataset, dataset), tr._layout(cfg), log, PreemptionFlag())
-    iterators = trainer._iterators(dataset, 0)
-    counter = itertools.count(1)
-
-    def step() -> float:
-        loss, _ = trainer.train_step(iterators, next(counter))
-        trainer.preempt.agreed(trainer.device)
-        return loss
-
-    return step
+    trainer = tr.Trainer(cfg, objs, (dataset, dataset), rank_position(cfg), log, [], preempt=PreemptionFlag())
+    return trainer.train_step
 
 
 def _bare_forward_step(data_iterator, model):

@@ -153,8 +153,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     import torch.distributed as dist
 
     from megaspan import runtime
-    from megaspan.bench.flops import config_step_flops, peak_tflops
-    from megaspan.bench.models import SyntheticTokens, build_candidate
+    from megaspan.bench.flops import peak_tflops
+    from megaspan.bench.models import SyntheticTokens
     from megaspan.models import te_available
     from megaspan.training.setup import check_schedule
 
@@ -182,13 +182,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             cfgs[p, name] = cfg
     # Every user-input check is done: only now touch process groups (nothing to clean up above).
     owns_group = not dist.is_initialized()
-    if hasattr(runtime, "setup_cpu"):
-        runtime.setup_cpu()  # no-op with a GPU
+    runtime.setup_cpu()  # no-op with a GPU
     runtime.init_process_group()
     device = runtime.device()
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     load_before = _load()
     rows: list[report.Row] = []
+    timing = _Timing(warmup, repeats, schedule, cuda, opts.profile_dir)
     try:
         for precision in precisions:
             cfg = cfgs[precision, "pre"]
@@ -197,22 +197,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             _seed(cfg)
             dataset = SyntheticTokens(cfg.model.seq_length, cfg.model.vocab_size, cfg.training.seed)
             names = [*placements, *(BASELINES if opts.baselines else ())]
-            tokens = cfg.training.global_batch_size * cfg.model.seq_length
             rows += _time_models(
-                names,
-                cfg,
-                lambda name, p=precision: cfgs[p, name],
-                dataset,
-                device,
-                precision,
-                tokens,
-                warmup,
-                repeats,
-                schedule,
-                cuda,
-                build_candidate,
-                config_step_flops,
-                opts.profile_dir,
+                names, lambda name, p=precision: cfgs[p, name], dataset, device, precision, timing
             )
     finally:
         runtime.destroy() if owns_group else None
@@ -250,18 +236,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
 
 def _validate(cfg, world: int) -> None:
-    """The project's data-free checks (layout, backend, precision), whatever their signature today."""
-    import inspect
-
+    """The project's data-free checks (layout, backend, precision), as ``megaspan train`` runs them."""
     from megaspan.config.validate import validate
+    from megaspan.models import detect_capabilities
 
-    params = inspect.signature(validate).parameters
-    if "capabilities" in params:
-        from megaspan.models import detect_capabilities
-
-        validate(cfg, world, detect_capabilities())
-    else:
-        validate(cfg, world)
+    validate(cfg, world, detect_capabilities())
 
 
 def _init_microbatches(cfg, world: int) -> None:
@@ -284,10 +263,7 @@ def _init_microbatches(cfg, world: int) -> None:
 
 def _seed(cfg) -> None:
     """The trainer's global seeding and determinism switches (they change kernel choices)."""
-    try:
-        from megaspan.training.build import seed_everything
-    except ImportError:  # the trainer before the build.py split
-        from megaspan.training.trainer import _seed_everything as seed_everything
+    from megaspan.training.build import seed_everything
 
     seed_everything(cfg.training.seed, cfg.training.deterministic)
 
@@ -316,31 +292,33 @@ def _timed(step, cuda: bool) -> tuple[float, object]:
     return start.elapsed_time(end) / 1e3, loss
 
 
-def _time_models(
-    names,
-    cfg,
-    cfg_for,
-    dataset,
-    device,
-    precision,
-    tokens,
-    warmup,
-    repeats,
-    schedule,
-    cuda,
-    build,
-    flops_of,
-    profile_dir=None,
-) -> list[report.Row]:
+@dataclass(frozen=True)
+class _Timing:
+    """How every model of a run is timed (see the module doc)."""
+
+    warmup: int
+    repeats: int
+    schedule: str  # "round-robin" | "sequential"
+    cuda: bool
+    profile_dir: str | None  # one extra profiled step per model (megaspan.bench.profile)
+
+
+def _time_models(names, cfg_for, dataset, device, precision: str, timing: _Timing) -> list[report.Row]:
+    """Build ``names`` (``cfg_for(name)`` gives each one's config) and time them."""
     import torch
 
+    from megaspan.bench.flops import config_step_flops
+    from megaspan.bench.models import build_candidate
     from megaspan.bench.profile import profile_step
 
+    cfg = cfg_for("pre")
+    tokens = cfg.training.global_batch_size * cfg.model.seq_length
+    warmup, repeats, cuda, profile_dir = timing.warmup, timing.repeats, timing.cuda, timing.profile_dir
     rows: dict[str, report.Row] = {}
     peak_mem: dict[str, float] = {}
 
     def make(name):
-        cand = build(name, cfg_for, dataset, cfg.model.vocab_size, device)
+        cand = build_candidate(name, cfg_for, dataset, cfg.model.vocab_size, device)
         rows[name] = report.Row(
             model=name,
             kind=cand.kind,
@@ -350,7 +328,7 @@ def _time_models(
             times_s=[],
             tokens_per_step=tokens,
             num_params=cand.num_params,
-            flops_per_step=flops_of(cfg, cand.padded_vocab),
+            flops_per_step=config_step_flops(cfg, cand.padded_vocab),
         )
         return cand
 
@@ -375,7 +353,7 @@ def _time_models(
                 cand.step, Path(profile_dir), label, cuda, modules=modules
             )
 
-    if schedule == "round-robin":
+    if timing.schedule == "round-robin":
         cands = [make(n) for n in names]
         for _ in range(warmup):
             for c in cands:

@@ -156,6 +156,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     from megaspan.bench.flops import peak_tflops
     from megaspan.bench.models import SyntheticTokens
     from megaspan.models import te_available
+    from megaspan.training.build import init_megatron
     from megaspan.training.setup import check_schedule
 
     preset = get_preset(opts.preset)
@@ -192,9 +193,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     try:
         for precision in precisions:
             cfg = cfgs[precision, "pre"]
-            runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
-            _init_microbatches(cfg, world)
-            _seed(cfg)
+            init_megatron(cfg)  # seeds, groups, micro-batch calculator: as megaspan train
             dataset = SyntheticTokens(cfg.model.seq_length, cfg.model.vocab_size, cfg.training.seed)
             names = [*placements, *(BASELINES if opts.baselines else ())]
             rows += _time_models(
@@ -241,31 +240,6 @@ def _validate(cfg, world: int) -> None:
     from megaspan.models import detect_capabilities
 
     validate(cfg, world, detect_capabilities())
-
-
-def _init_microbatches(cfg, world: int) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.num_microbatches_calculator import (
-        destroy_num_microbatches_calculator,
-        init_num_microbatches_calculator,
-    )
-
-    destroy_num_microbatches_calculator()
-    init_num_microbatches_calculator(
-        dist.get_rank(),
-        None,
-        cfg.training.global_batch_size,
-        cfg.training.micro_batch_size,
-        ps.get_data_parallel_world_size(),
-    )
-
-
-def _seed(cfg) -> None:
-    """The trainer's global seeding and determinism switches (they change kernel choices)."""
-    from megaspan.training.build import seed_everything
-
-    seed_everything(cfg.training.seed, cfg.training.deterministic)
 
 
 def _loss(value) -> float | None:

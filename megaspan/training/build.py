@@ -94,21 +94,19 @@ def rank_position(cfg: MegaspanConfig) -> RankPosition:
     )
 
 
-def _init_megatron(cfg: MegaspanConfig) -> RankPosition:
+def init_megatron(cfg: MegaspanConfig) -> RankPosition:
+    """The process-wide Megatron-Core state a model needs before it is built and stepped: seeds,
+    model-parallel groups (re-initializing also resets Megatron's process-wide MoE state, see
+    ``megaspan.runtime``) and the number-of-microbatches calculator. Also ``megaspan bench``'s."""
     from megatron.core.num_microbatches_calculator import (
         destroy_num_microbatches_calculator,
         init_num_microbatches_calculator,
     )
-    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
     seed_everything(cfg.training.seed, cfg.training.deterministic)
     runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
     position = rank_position(cfg)
     destroy_num_microbatches_calculator()  # a process may build several trainers (tests)
-    # Megatron's MoE routers record their aux losses in a process-wide tracker whose per-layer
-    # tensors are sized by the first model that records (and live on its device); a deeper model
-    # built later in the same process would index past them. Each trainer starts a fresh one.
-    destroy_moe_metrics_tracker()
     init_num_microbatches_calculator(
         dist.get_rank(), None, cfg.training.global_batch_size, cfg.training.micro_batch_size, position.dp_size
     )
@@ -285,7 +283,7 @@ def build_trainer(
     """
     from megaspan.models import resolve_impl
 
-    position = _init_megatron(cfg)
+    position = init_megatron(cfg)
     if datasets is None:
         data = build_data(cfg)
     elif vocab_size is None:

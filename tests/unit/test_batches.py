@@ -118,9 +118,9 @@ def test_reader_error_reaches_the_consumer_and_dropped_readers_stop():
 
 def test_read_ahead_gives_identical_losses(single_process_group, monkeypatch):
     """Three trainer steps of the same model fed with and without read-ahead: equal losses."""
-    from megaspan import runtime
     from megaspan.bench.models import SyntheticTokens, build_candidate
-    from megaspan.bench.runner import _init_microbatches, build_config
+    from megaspan.bench.runner import build_config
+    from megaspan.training.build import init_megatron
 
     def cfg_for(name):
         return build_config("cpu-small", "fp32", [f"model.norm_placement={name}", "training.steps=10"])
@@ -129,8 +129,7 @@ def test_read_ahead_gives_identical_losses(single_process_group, monkeypatch):
     for depth in (0, 2):
         monkeypatch.setattr(B, "PREFETCH", depth)
         cfg = cfg_for("spannorm")
-        runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
-        _init_microbatches(cfg, 1)
+        init_megatron(cfg)
         data = SyntheticTokens(cfg.model.seq_length, cfg.model.vocab_size, seed=3)
         cand = build_candidate("spannorm", cfg_for, data, cfg.model.vocab_size, CPU)
         out = [cand.step() for _ in range(3)]

@@ -81,7 +81,6 @@ def _reseed(seed: int) -> None:
 
 def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
     """Megatron-Core's own GPT model (one chunk; no virtual pipeline) with ``cfg`` (a ``pre`` config)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -89,6 +88,7 @@ def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
     )
 
     from megaspan.models import padded_vocab_size, placement_for, resolve_impl, transformer_config
+    from megaspan.models.build import language_model_kwargs
 
     placement = placement_for(cfg)
     impl = resolve_impl(cfg.model.transformer_impl)
@@ -108,13 +108,8 @@ def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
     chunk = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
-        vocab_size=padded,
-        max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
-        share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-        position_embedding_type=cfg.model.position_embedding_type,
-        rotary_base=cfg.model.rotary_base,
+        # The same constructor arguments as megaspan's own GPT build (one chunk: no VPP stage).
+        **language_model_kwargs(cfg, padded, None),
     )
     return [chunk], tconfig, impl, padded
 

@@ -152,26 +152,8 @@ def test_compare_rejects_a_file_that_is_not_a_bench_result(tmp_path):
 
 
 def test_step_flops_matches_megatron_formula_by_hand():
-    # 1 sequence of 8 tokens, 1 layer, h=4, 2 heads (MHA), GeLU FFN 16, vocab 10.
-    # per token: 6 * [4*(4+4+4) + 4*4 + 4*8/2*2 + 2*4*16] + 6*4*10 = 6*(48+16+32+128) + 240
-    expected = 8 * (6 * (48 + 16 + 32 + 128) + 240)
-    assert (
-        step_flops(
-            sequences=1,
-            seq_length=8,
-            num_layers=1,
-            hidden_size=4,
-            num_attention_heads=2,
-            num_query_groups=None,
-            kv_channels=None,
-            ffn_hidden_size=16,
-            swiglu=False,
-            padded_vocab_size=10,
-        )
-        == expected
-    )
-    # MoE top-2 of expert FFN 16 with SwiGLU: the FFN term is 3 * h * (16 * 2).
-    moe = step_flops(
+    # 1 sequence of 8 tokens, 1 layer, h=4, 2 heads (MHA), vocab 10.
+    shape = dict(
         sequences=1,
         seq_length=8,
         num_layers=1,
@@ -179,12 +161,13 @@ def test_step_flops_matches_megatron_formula_by_hand():
         num_attention_heads=2,
         num_query_groups=None,
         kv_channels=None,
-        ffn_hidden_size=99,
-        swiglu=True,
         padded_vocab_size=10,
-        moe_topk=2,
-        moe_ffn_hidden_size=16,
     )
+    # GeLU FFN 16, per token: 6 * [4*(4+4+4) + 4*4 + 4*8/2*2 + 2*4*16] + 6*4*10 = 6*(48+16+32+128) + 240
+    expected = 8 * (6 * (48 + 16 + 32 + 128) + 240)
+    assert step_flops(**shape, ffn_hidden_size=16, swiglu=False) == expected
+    # MoE top-2 of expert FFN 16 with SwiGLU: the FFN term is 3 * h * (16 * 2).
+    moe = step_flops(**shape, ffn_hidden_size=99, swiglu=True, moe_topk=2, moe_ffn_hidden_size=16)
     assert moe == 8 * (6 * (48 + 16 + 32 + 3 * 4 * 32) + 240)
 
 

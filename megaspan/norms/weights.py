@@ -1,8 +1,13 @@
 """Weight selection and rescaling for placements' init rules.
 
-Names cover the local backend, TE (fused LN-linear, whose norm gain is ``layer_norm_weight`` and
-must never be rescaled) and MoE experts (SequentialMLP ``local_experts.N.linear_fc*``,
-TEGroupedMLP ``linear_fc*.weightN``, GroupedMLP ``weight1/2``).
+A weight's kind is keyed on the module that owns it, never on a parameter-name suffix: the
+parameters named ``weight`` or ``weight<N>`` held directly by a ``linear_qkv`` / ``linear_proj``
+(under ``self_attention``) or ``linear_fc1`` / ``linear_fc2`` (under ``mlp``) module. That covers
+the local backend, TE (fused LN-linear, whose norm gain ``layer_norm_weight`` is never selected)
+and MoE experts (SequentialMLP ``local_experts.N.linear_fc*.weight``, TEGroupedMLP's grouped
+``linear_fc*.weight<N>``, one ``[out, in]`` weight per local expert). Megatron-Core 0.19 has no
+legacy ``GroupedMLP`` (``experts.weight1/2``); a suffix rule for it used to match TEGroupedMLP's
+``linear_fc2.weight1`` as an fc1 weight (expert 1 scaled twice, or by columns).
 
 torch is imported inside the functions: placement files import these helpers, and the placement
 registry must stay torch-free (config validation reads it).
@@ -13,12 +18,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-_KIND_PATTERNS = {
-    "qkv": re.compile(r"self_attention\.linear_qkv\.weight$"),
-    "proj": re.compile(r"self_attention\.linear_proj\.weight$"),
-    "fc1": re.compile(r"mlp\..*(linear_fc1\.weight\d*|weight1)$"),
-    "fc2": re.compile(r"mlp\..*(linear_fc2\.weight\d*|weight2)$"),
+_KIND_MODULES = {
+    "qkv": re.compile(r"(^|\.)self_attention\.linear_qkv$"),
+    "proj": re.compile(r"(^|\.)self_attention\.linear_proj$"),
+    "fc1": re.compile(r"(^|\.)mlp\.(.+\.)?linear_fc1$"),
+    "fc2": re.compile(r"(^|\.)mlp\.(.+\.)?linear_fc2$"),
 }
+"""Kind -> the qualified names of the modules that own that kind's weights."""
+
+_WEIGHT = re.compile(r"weight\d*$")
+"""A linear's own weight: ``weight`` (one GEMM) or ``weight<N>`` (expert N of a grouped linear)."""
 
 ALL_BLOCK_WEIGHTS = ("qkv", "proj", "fc1", "fc2")
 """Every block weight (q/k/v, out proj, fc1, fc2; experts included; norms, biases, router not)."""
@@ -26,10 +35,13 @@ ALL_BLOCK_WEIGHTS = ("qkv", "proj", "fc1", "fc2")
 
 def block_weights(layer, kind: str) -> Iterator:
     """Parameters of ``layer`` of one kind: 'qkv', 'proj', 'fc1' or 'fc2' (dense, shared or experts)."""
-    pattern = _KIND_PATTERNS[kind]
-    for name, param in layer.named_parameters():
-        if pattern.search(name):
-            yield param
+    owner = _KIND_MODULES[kind]
+    for module_name, module in layer.named_modules():
+        if not owner.search(module_name):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if _WEIGHT.fullmatch(name):
+                yield param
 
 
 def scale_weights(layer, kinds: tuple[str, ...], factor: float) -> None:

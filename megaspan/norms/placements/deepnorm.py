@@ -22,9 +22,7 @@ from typing import Literal, Optional
 from megaspan.norms.base import PlacementOptions
 from megaspan.norms.placements.post import PostNorm
 from megaspan.norms.registry import register
-from megaspan.norms.weights import _KIND_PATTERNS, scale_value_rows, scale_weights
-
-FC1 = _KIND_PATTERNS["fc1"]
+from megaspan.norms.weights import block_weights, scale_value_rows, scale_weights
 
 
 @dataclass(kw_only=True)
@@ -78,19 +76,12 @@ class DeepNorm(PostNorm):
 def scale_activated_fc1_rows(layer, factor: float) -> None:
     """Multiply the activated half of every gated ``linear_fc1`` (dense and experts) by ``factor``.
 
-    Dense / SequentialMLP / TEGroupedMLP weights are [2 * ffn_local, h]: rows [:ffn_local] feed the
-    activation. The legacy GroupedMLP's ``weight1`` is [h, experts * 2 * ffn_local], per expert
-    [h, 2 * ffn_local] with columns [:ffn_local] activated.
+    Every fc1 weight megatron-core 0.19 builds is ``[2 * ffn_local, h]`` (``[out, in]``), one per
+    expert in TEGroupedMLP (``linear_fc1.weight<N>``): rows ``[:ffn_local]`` feed the activation,
+    rows ``[ffn_local:]`` are the gate's linear half (mcore's ``glu``: ``act(x0) * x1``).
     """
     import torch
 
-    experts = getattr(getattr(layer, "mlp", None), "experts", None)
     with torch.no_grad():
-        for name, param in layer.named_parameters():
-            if not FC1.search(name):
-                continue
-            if name.endswith("weight1"):
-                view = param.view(param.shape[0], experts.num_local_experts, -1)
-                view[:, :, : view.shape[-1] // 2].mul_(factor)
-            else:
-                param[: param.shape[0] // 2].mul_(factor)
+        for param in block_weights(layer, "fc1"):
+            param[: param.shape[0] // 2].mul_(factor)

@@ -16,7 +16,13 @@ Feeding, as Megatron's ``get_batch_on_this_tp_rank`` does it:
   ``position_ids``), the last stage the targets (``labels``, ``loss_mask``), middle stages
   nothing (an ``attention_mask`` goes to every stage that has one). Absent keys are ``None``;
 * the reading rank reads and collates ahead on a background thread (``prefetch`` micro-batches,
-  into pinned memory on CUDA, so the host-to-device copy is asynchronous).
+  into pinned memory on CUDA, so the host-to-device copy is asynchronous);
+* with context parallelism (CP > 1), every CP rank of a data-parallel replica receives the same
+  whole micro-batch and then keeps only its part of the sequence, as Megatron-LM's ``get_batch``
+  does with ``megatron.core.utils.get_batch_on_this_cp_rank``: the sequence is cut into
+  ``2 x CP`` chunks and CP rank ``r`` keeps chunks ``r`` and ``2 x CP - 1 - r`` (load-balanced
+  causal attention; Megatron's RoPE and TE's ring attention expect exactly this layout).
+  Megatron-Core's model never splits the sequence itself.
 
 Read-ahead never moves the position: the trainer derives ``consumed_samples`` from the steps it
 took, and a resume or a seek builds a new feeder at that position (the old one's thread stops
@@ -81,6 +87,25 @@ def stage_keys(first_stage: bool, last_stage: bool, attention_mask: bool = False
 def has_attention_mask(dataset: Any) -> bool:
     """Whether ``dataset``'s samples carry an ``attention_mask`` (GPTDataset's config says so)."""
     return bool(getattr(getattr(dataset, "config", None), "create_attention_mask", False))
+
+
+def _cp_group() -> Any:
+    """Megatron's context-parallel group when CP > 1, else None (nothing to split)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_context_parallel_world_size() == 1:
+        return None
+    return ps.get_context_parallel_group()
+
+
+def split_for_context_parallel(batch: Batch, cp_group: Any) -> Batch:
+    """This CP rank's part of every sequence-dimension tensor of ``batch`` (``[b, s]`` tokens,
+    labels, loss mask, positions; ``[b, 1, s, s]`` masks on the query dimension), by Megatron-Core's
+    own ``get_batch_on_this_cp_rank`` (per-sequence zigzag: chunks r and 2 x CP - 1 - r)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    present = {k: v for k, v in batch.items() if v is not None}
+    return {**batch, **get_batch_on_this_cp_rank(present, is_hybrid_cp=False, cp_group=cp_group)}
 
 
 def _parallel_position(vp_stage: int | None, attention_mask: bool) -> tuple[tuple[str, ...] | None, Any, int]:
@@ -148,7 +173,7 @@ class MicroBatches:
     ``vp_stage``: the virtual pipeline stage this iterator feeds (with VPP, so that each chunk
     reads only its keys; without it such a rank reads every key). ``prefetch``: read-ahead in
     micro-batches; None = the module's :data:`PREFETCH`. ``keys`` / ``tp_group`` /
-    ``tp_src_rank`` override what Megatron's parallel state says (tests).
+    ``tp_src_rank`` / ``cp_group`` override what Megatron's parallel state says (tests).
     """
 
     def __init__(
@@ -165,8 +190,10 @@ class MicroBatches:
         keys: Sequence[str] | None = None,
         tp_group: Any = None,
         tp_src_rank: int = 0,
+        cp_group: Any = None,
     ):
         auto_keys, auto_group, auto_src = _parallel_position(vp_stage, has_attention_mask(dataset))
+        self.cp_group = cp_group if cp_group is not None else _cp_group()
         self.keys = tuple(keys) if keys is not None else auto_keys
         self.tp_group = tp_group if tp_group is not None else auto_group
         self.tp_src = tp_src_rank if tp_group is not None else auto_src
@@ -237,6 +264,9 @@ class MicroBatches:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu.items()}
         if self.tp_group is not None:
             batch = self._broadcast(batch)
+        if self.cp_group is not None:
+            # After the TP broadcast, as Megatron-LM: the broadcast carries the whole sequence once.
+            batch = split_for_context_parallel(batch, self.cp_group)
         return {**_ABSENT, **batch}
 
     def _broadcast(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

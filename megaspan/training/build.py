@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megaspan import runtime
+from megaspan.config import derived
 from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import config_to_dict
 from megaspan.config.schema import MegaspanConfig
@@ -66,6 +67,11 @@ def resolve_resume(cfg: MegaspanConfig) -> Path | None:
     return path
 
 
+def resolved_deterministic(cfg: MegaspanConfig) -> bool:
+    """``training.deterministic`` on this machine (None = on for CPU, off on GPU)."""
+    return derived.deterministic(cfg, torch.cuda.is_available())
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -75,6 +81,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # CUDA kernels (e.g. embedding backward) have no deterministic variant.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN/max: a debugging aid that
+        # changes no result of correct code, and costs a memset per allocation on GPU.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    else:
+        torch.use_deterministic_algorithms(False)
 
 
 def rank_position(cfg: MegaspanConfig) -> RankPosition:
@@ -86,11 +97,10 @@ def rank_position(cfg: MegaspanConfig) -> RankPosition:
     return RankPosition(
         layout=layout,
         dp_rank=ps.get_data_parallel_rank(),
-        reports_loss=(
-            ps.is_pipeline_last_stage(ignore_virtual=True)
-            and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0
-        ),
+        # Every CP rank holds a different part of each sequence (its own token loss sum and
+        # count), so all of them report: the all-reduced sums give the exact per-token mean.
+        reports_loss=ps.is_pipeline_last_stage(ignore_virtual=True)
+        and ps.get_tensor_model_parallel_rank() == 0,
     )
 
 
@@ -103,7 +113,7 @@ def init_megatron(cfg: MegaspanConfig) -> RankPosition:
         init_num_microbatches_calculator,
     )
 
-    seed_everything(cfg.training.seed, cfg.training.deterministic)
+    seed_everything(cfg.training.seed, resolved_deterministic(cfg))
     runtime.initialize_model_parallel(cfg.parallel, cfg.training.seed)
     position = rank_position(cfg)
     destroy_num_microbatches_calculator()  # a process may build several trainers (tests)
@@ -199,6 +209,7 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
         trainer.objs.config.params_dtype, config["precision"]["dtype"]
     )
     config["model"]["vocab_size"] = data.vocab_size
+    config["training"]["deterministic"] = resolved_deterministic(cfg)
     if data.tokenizer_path is not None:
         config["tokenizer"]["model"] = data.tokenizer_path
     p = trainer.position

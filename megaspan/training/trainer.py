@@ -35,7 +35,7 @@ class RankPosition:
 
     layout: ParallelLayout
     dp_rank: int
-    reports_loss: bool  # one rank per data-parallel replica contributes to the logged loss
+    reports_loss: bool  # one rank per data-parallel replica and CP part contributes to the logged loss
 
     @property
     def dp_size(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 from megaspan.bench import report
 from megaspan.bench.presets import common_overrides, get_preset
+from megaspan.config import derived
 from megaspan.errors import BackendError, ConfigError
 
 PRECISIONS: dict[str, tuple[str, ...]] = {
@@ -218,6 +219,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "schedule": schedule,
         "world_size": world,
         "device": device_name,
+        # training.deterministic as these runs resolved it (None = off on GPU): a deterministic
+        # GPU number is not comparable with a fast one.
+        "deterministic": sorted({derived.deterministic(c, cuda) for c in cfgs.values()}),
         "machine": {
             "hostname": platform.node(),
             "platform": platform.platform(),

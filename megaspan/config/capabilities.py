@@ -21,6 +21,13 @@ class Capabilities:
     compute_capability: tuple[int, int] | None = None
     """(major, minor) of the current CUDA device, e.g. (9, 0) for H100."""
 
+    def impl(self, requested: str) -> str:
+        """``model.transformer_impl`` as it resolves on this machine: 'auto' is Transformer Engine
+        when TE imports and CUDA is present, else the local backend."""
+        if requested == "auto":
+            return "transformer_engine" if self.te and self.cuda else "local"
+        return requested
+
     @classmethod
     def cpu(cls) -> Capabilities:
         """A machine without CUDA or Transformer Engine."""

@@ -30,6 +30,11 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: Optional[int] = None
     grouped_gemm: bool = False
     """Grouped GEMM experts (GPU/TE only)."""
+    permute_fusion: Optional[bool] = None
+    """TE's fused token permute/unpermute in the dispatcher; None = on with CUDA + Transformer Engine."""
+    router_dtype: Optional[Literal["fp32", "fp64"]] = None
+    """Router logits/softmax precision; None = fp32 on GPU (Megatron's advice for bf16, a must with
+    many experts), the parameters' dtype on CPU."""
 
 
 @dataclass(kw_only=True)
@@ -40,7 +45,7 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     """GQA groups; None = num_attention_heads (MHA)."""
     ffn_hidden_size: Optional[int] = None
-    """None = 4*hidden (gelu) or the 8/3*hidden rounded to 64 (swiglu)."""
+    """None = 4*hidden (gelu) or 8/3*hidden rounded up to a multiple of 128 (swiglu; FP8-aligned for TP <= 8)."""
     vocab_size: Optional[int] = None
     """None = the tokenizer's vocabulary."""
     seq_length: int = 256
@@ -180,7 +185,9 @@ class TrainingConfig:
     run_dir: str = "runs/default"
     exit_on_signal: bool = True
     """Save a checkpoint and exit 0 on SIGTERM/SIGUSR1 (what Slurm sends before preemption)."""
-    deterministic: bool = True
+    deterministic: Optional[bool] = None
+    """Deterministic kernels (torch.use_deterministic_algorithms) for bitwise-repeatable runs;
+    None = on for CPU runs, off on GPU, where it costs speed (the mode is recorded in summary.json)."""
     guard: GuardConfig = field(default_factory=GuardConfig)
 
 

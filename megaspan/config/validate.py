@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from megaspan.config.capabilities import Capabilities
 from megaspan.config.derived import decay_steps, ffn_hidden_size
+from megaspan.config.fp8 import check_fp8_shapes
 from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import norm_options
 from megaspan.config.schema import MegaspanConfig
@@ -362,6 +363,14 @@ def check_precision(cfg: MegaspanConfig, caps: Capabilities) -> None:
         )
     if not caps.cuda:
         raise BackendError("precision.fp8 needs an H100-class GPU; set precision.fp8=null on CPU")
+    if caps.impl(cfg.model.transformer_impl) != "transformer_engine":
+        # Megatron-Core's local linears have no FP8 path: fp8_autocast around them runs bf16,
+        # which would be trained, benched and labelled as FP8.
+        raise ConfigError(
+            f"precision.fp8={prec.fp8} runs only on Transformer Engine layers, but model.transformer_impl="
+            f"{cfg.model.transformer_impl} resolves to the local backend: set model.transformer_impl="
+            "transformer_engine (or auto) or precision.fp8=null"
+        )
     recipe = prec.fp8_recipe
     if prec.first_last_layers_bf16 and recipe == "delayed":
         raise ConfigError(
@@ -391,16 +400,34 @@ def check_precision(cfg: MegaspanConfig, caps: Capabilities) -> None:
         )
 
 
+def check_te_semantics(cfg: MegaspanConfig, caps: Capabilities) -> None:
+    """Options whose meaning the TE layers do not honour, refused instead of silently differing."""
+    if cfg.data.reset_attention_mask and caps.impl(cfg.model.transformer_impl) == "transformer_engine":
+        # The TE layer spec builds causal attention; TE ignores attention_mask for a causal mask
+        # type, so document masking would silently be off (while the local backend applies it).
+        raise ConfigError(
+            "data.reset_attention_mask=true (document masking) is not applied by Transformer Engine "
+            "attention (causal mask type): set data.reset_attention_mask=false or model.transformer_impl=local"
+        )
+
+
 def check_gpu_only_features(cfg: MegaspanConfig, caps: Capabilities) -> None:
     """Features Megatron runs only with CUDA kernels (TE attention, grouped GEMM)."""
+    te = caps.impl(cfg.model.transformer_impl) == "transformer_engine"
+    if cfg.model.moe.num_experts and cfg.model.moe.permute_fusion and not te:
+        raise ConfigError(
+            "model.moe.permute_fusion=true needs Transformer Engine on a GPU (its fused permute kernels): "
+            "set it to null (auto) or false"
+        )
+    if cfg.parallel.context_parallel_size > 1 and not te:
+        raise ConfigError(
+            "parallel.context_parallel_size > 1 needs Transformer Engine attention on GPUs: set it to 1, "
+            "or model.transformer_impl=transformer_engine (or auto) on a GPU with TE"
+        )
     if caps.cuda:
         return
     if cfg.model.moe.num_experts and cfg.model.moe.grouped_gemm:
         raise ConfigError("model.moe.grouped_gemm=true needs a GPU; set it to false on CPU")
-    if cfg.parallel.context_parallel_size > 1:
-        raise ConfigError(
-            "parallel.context_parallel_size > 1 needs Transformer Engine attention on GPUs; set it to 1 on CPU"
-        )
 
 
 _CONFIG_CHECKS: tuple[Callable[[MegaspanConfig], None], ...] = (
@@ -414,12 +441,14 @@ _CONFIG_CHECKS: tuple[Callable[[MegaspanConfig], None], ...] = (
     check_pipeline,
     check_checkpoint,
     check_schedule,
+    check_fp8_shapes,
 )
 """Checks of the config alone, in the order they run (the first failure is reported)."""
 
 _MACHINE_CHECKS: tuple[Callable[[MegaspanConfig, Capabilities], None], ...] = (
     check_backend,
     check_precision,
+    check_te_semantics,
     check_gpu_only_features,
 )
 """Checks of the config against the machine (skipped when capabilities are unknown)."""

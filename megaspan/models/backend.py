@@ -26,19 +26,45 @@ def _te_version() -> str | None:
             return None
 
 
+def local_device_index() -> int:
+    """The CUDA device this rank will use: ``LOCAL_RANK`` modulo the visible devices, as
+    ``megaspan.runtime.init_process_group`` later sets it. Queried explicitly, because before
+    ``set_device`` runs, torch's "current device" is 0 on every rank (every rank of a node would
+    describe, and may create a context on, GPU 0)."""
+    import os
+
+    import torch
+
+    count = torch.cuda.device_count()
+    return int(os.environ.get("LOCAL_RANK", "0")) % count if count else 0
+
+
 def detect_capabilities() -> Capabilities:
     """This process's CUDA device and Transformer Engine, for :func:`megaspan.config.validate`."""
     import torch
 
     cuda = torch.cuda.is_available()
     te = te_available()
+    index = local_device_index() if cuda else None
     return Capabilities(
         cuda=cuda,
         te=te,
         te_version=_te_version() if te else None,
-        device_name=torch.cuda.get_device_name() if cuda else None,
-        compute_capability=tuple(torch.cuda.get_device_capability()) if cuda else None,
+        device_name=torch.cuda.get_device_name(index) if cuda else None,
+        compute_capability=tuple(torch.cuda.get_device_capability(index)) if cuda else None,
     )
+
+
+def kernel_available(module: str) -> bool:
+    """Whether a compiled CUDA extension Megatron-Core imports lazily is installed (Apex's
+    ``fused_weight_gradient_mlp_cuda``, Megatron's ``scaled_upper_triang_masked_softmax_cuda``).
+    Found, not imported: importing needs a driver."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_impl(requested: str) -> str:

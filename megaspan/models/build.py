@@ -74,7 +74,7 @@ def build_model(
 
     placement = placement_for(cfg)
     impl = resolve_impl(cfg.model.transformer_impl)
-    tconfig = transformer_config(cfg, placement, cuda=cuda)
+    tconfig = transformer_config(cfg, placement, cuda=cuda, impl=impl)
     padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
     vp_size = cfg.parallel.virtual_pipeline_model_parallel_size
     pp_rank = ps.get_pipeline_model_parallel_rank()

@@ -411,7 +411,7 @@ def build_hybrid_model(cfg, vocab_size: int, *, init_rules: bool = True, cuda: b
 
     placement = placement_for(cfg)
     impl = resolve_impl(cfg.model.transformer_impl)
-    layout = hybrid_layout(transformer_config(cfg, placement, cuda=cuda), placement)
+    layout = hybrid_layout(transformer_config(cfg, placement, cuda=cuda, impl=impl), placement)
     tconfig = layout.config
     padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
     vp_size = cfg.parallel.virtual_pipeline_model_parallel_size

@@ -30,13 +30,53 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None):
-    """Build the ``TransformerConfig`` for ``cfg`` with ``placement`` (a built Placement)."""
+FUSED_SOFTMAX_KERNELS = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")
+"""Megatron's fused-softmax CUDA extensions (Apex / Megatron-LM's fused kernels), imported by
+``FusedScaleMaskSoftmax`` whenever ``masked_softmax_fusion`` is on and the shape qualifies."""
+GRAD_ACCUM_KERNEL = "fused_weight_gradient_mlp_cuda"
+"""Apex's wgrad-into-main_grad kernel: ``ColumnParallelLinear`` (the output layer, a local module
+even in TE specs) refuses ``gradient_accumulation_fusion`` without it."""
+
+
+def fusion_flags(cuda: bool, impl: str, kernels: dict[str, bool]) -> dict:
+    """Megatron-Core's kernel-fusion switches, on exactly where their kernels exist.
+
+    ``kernels``: module name -> installed (:func:`megaspan.models.backend.kernel_available`). CPU
+    runs get no fusions (no CUDA kernels; the local backend's CPU numerics stay bitwise those of
+    the reference). On a GPU: RoPE fusion and bias-activation fusion with Transformer Engine
+    (mcore's fused RoPE is TE's kernel); the fused softmax only where its extension is installed
+    (the local backend's attention; TE attention does not use it); gradient-accumulation fusion
+    with TE plus Apex's kernel (TE linears accumulate into ``main_grad`` directly, the output layer
+    needs Apex).
+    """
+    te = cuda and impl == "transformer_engine"
+    return dict(
+        bias_activation_fusion=te,
+        apply_rope_fusion=te,
+        masked_softmax_fusion=cuda and all(kernels.get(k, False) for k in FUSED_SOFTMAX_KERNELS),
+        gradient_accumulation_fusion=te and kernels.get(GRAD_ACCUM_KERNEL, False),
+    )
+
+
+def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None, impl: str | None = None):
+    """Build the ``TransformerConfig`` for ``cfg`` with ``placement`` (a built Placement).
+
+    ``impl``: the resolved layer backend (``megaspan.models.resolve_impl``); None resolves it here."""
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.utils import init_method_normal
 
+    from megaspan.models.backend import kernel_available, resolve_impl
+
     if cuda is None:
         cuda = torch.cuda.is_available()
+    if impl is None:
+        impl = resolve_impl(cfg.model.transformer_impl)
+    te = cuda and impl == "transformer_engine"
+    fusions = fusion_flags(
+        cuda,
+        impl,
+        {k: kernel_available(k) for k in (*FUSED_SOFTMAX_KERNELS, GRAD_ACCUM_KERNEL)} if cuda else {},
+    )
     m, par, prec = cfg.model, cfg.parallel, cfg.precision
     dtype = resolve_dtype(prec, cuda)
     std = placement.init_std(m.hidden_size, m.init_method_std)
@@ -54,7 +94,6 @@ def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None)
         add_bias_linear=m.add_bias_linear,
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
-        bias_activation_fusion=False,
         init_method_std=std,
         qk_layernorm=placement.qkv_norm,
         # Parallelism.
@@ -83,12 +122,10 @@ def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None)
         fp8=prec.fp8,
         fp8_recipe=prec.fp8_recipe,
         first_last_layers_bf16=prec.first_last_layers_bf16,
-        # CPU runs: no fused CUDA kernels; initialize on CPU so TP/EP shards equal the
-        # single-device weights bit-for-bit (used by the layout-equivalence tests).
+        # CPU runs: initialize on CPU so TP/EP shards equal the single-device weights
+        # bit-for-bit (used by the layout-equivalence tests).
         use_cpu_initialization=not cuda,
-        apply_rope_fusion=cuda,
-        masked_softmax_fusion=cuda,
-        gradient_accumulation_fusion=False,
+        **fusions,
         persist_layer_norm=False,
         # MoE.
         num_moe_experts=moe.num_experts,
@@ -100,6 +137,9 @@ def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None)
         moe_layer_freq=moe.layer_freq,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_grouped_gemm=moe.grouped_gemm,
+        moe_permute_fusion=bool(moe.num_experts)
+        and (te if moe.permute_fusion is None else moe.permute_fusion),
+        moe_router_dtype=moe.router_dtype or ("fp32" if cuda and moe.num_experts else None),
     )
     if placement.layer_dependent_slots:
         # Megatron stacks each per-layer tensor along a global layer axis in checkpoints, which

@@ -4,6 +4,7 @@
     record_versions.py                      # print a versions report (-> /opt/megaspan/versions.txt)
     record_versions.py --write-pins FILE    # pin the image's protected packages (name==version)
     record_versions.py --check-pins FILE    # exit 1 if any protected package changed since then
+    record_versions.py --require NAME...    # exit 1 if a distribution (or module:NAME) is missing
 
 No GPU is needed: versions come from package metadata, and imports are only attempted for the
 report (a failing import is reported, not fatal, because TE needs a driver to import).
@@ -122,11 +123,43 @@ def report() -> int:
     return 0
 
 
+def require(names: list[str]) -> int:
+    """Exit status 1 naming every expected distribution (``transformer-engine``) or importable
+    module (``module:fused_weight_gradient_mlp_cuda``, found, not imported: a CUDA extension
+    needs a driver to import) that the image lacks: a build that lost one fails here."""
+    import importlib.util
+
+    have = installed()
+    missing = []
+    for name in names:
+        if name.startswith("module:"):
+            module = name.split(":", 1)[1]
+            if importlib.util.find_spec(module) is None:
+                missing.append(name)
+        elif not any(dist in have for dist in _dist_names(name)):
+            missing.append(name)
+    if missing:
+        print("the image lacks expected packages: " + ", ".join(missing), file=sys.stderr)
+        return 1
+    print(f"all {len(names)} expected packages present")
+    return 0
+
+
+def _dist_names(name: str) -> list[str]:
+    """Normalized distribution names that count as ``name`` (TE ships under a few)."""
+    name = re.sub(r"[-_.]+", "-", name).lower()
+    if name == "transformer-engine":
+        return [name, "transformer-engine-torch", "transformer-engine-cu13", "transformer-engine-cu12"]
+    return [name]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--write-pins":
         return write_pins(argv[1])
     if len(argv) == 2 and argv[0] == "--check-pins":
         return check_pins(argv[1])
+    if len(argv) >= 2 and argv[0] == "--require":
+        return require(argv[1:])
     if not argv:
         return report()
     print(__doc__, file=sys.stderr)

@@ -39,6 +39,10 @@ megaspan_gpu_env_defaults() {
     export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
     # Free NCCL buffers without recordStream (lower memory, what Megatron recommends).
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+    # Transformer Engine >= 2.17 refuses to unpickle FP8 delayed-scaling state (scale_fwd,
+    # amax_history) from a checkpoint without this opt-in: every resume of an FP8 run (requeue,
+    # resume=auto, the guard's rollback) would fail. These are the run's own checkpoints.
+    export NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=${NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE:-1}
     # Print one NCCL init line per rank on failure-prone clusters; WARN keeps logs small.
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 }

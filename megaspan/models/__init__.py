@@ -4,13 +4,14 @@ submodules (``build``, ``mcore_config``, ``specs``, ``backend``), this file only
 
 from __future__ import annotations
 
-from megaspan.models.backend import detect_capabilities, resolve_impl, te_available
+from megaspan.models.backend import allow_fp8_extra_state, detect_capabilities, resolve_impl, te_available
 from megaspan.models.build import BuiltModel, apply_init_rules, build_model, placement_for
 from megaspan.models.mcore_config import padded_vocab_size, resolve_dtype, transformer_config
 from megaspan.models.specs import block_spec
 
 __all__ = [
     "BuiltModel",
+    "allow_fp8_extra_state",
     "apply_init_rules",
     "block_spec",
     "build_model",

@@ -67,6 +67,28 @@ def kernel_available(module: str) -> bool:
         return False
 
 
+TE_PICKLE_OPT_IN = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+"""Transformer Engine >= 2.17 refuses to unpickle FP8 extra state (delayed scaling's
+``scale_fwd`` / ``amax_history_*``) from a checkpoint unless this is ``1``
+(TE ``pytorch/_extra_state.py``); without it every resume of an FP8-delayed run fails."""
+
+
+def allow_fp8_extra_state(cfg) -> bool:
+    """Opt in to loading TE's pickled FP8 extra state for an FP8-delayed run, unless the user set
+    :data:`TE_PICKLE_OPT_IN` themselves (``0`` keeps TE's refusal). Returns whether it is on.
+
+    The launchers (``launch/env.sh``) and the image set it too; doing it here as well covers
+    in-process trainers and plain ``torchrun``. The payloads are the run's own checkpoints
+    (CRC-verified before loading); only the delayed recipe stores anything in them.
+    """
+    import os
+
+    if cfg.precision.fp8 is None or cfg.precision.fp8_recipe != "delayed":
+        return os.environ.get(TE_PICKLE_OPT_IN) == "1"
+    os.environ.setdefault(TE_PICKLE_OPT_IN, "1")
+    return os.environ[TE_PICKLE_OPT_IN] == "1"
+
+
 def resolve_impl(requested: str) -> str:
     """'auto' -> TE when it imports and CUDA is present, else local."""
     import torch

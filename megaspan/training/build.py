@@ -292,8 +292,9 @@ def build_trainer(
     ``preempt`` (a :class:`PreemptionFlag`) enables the stop-on-signal hook. Call
     :meth:`Trainer.close` when done (logs, run-dir lock).
     """
-    from megaspan.models import resolve_impl
+    from megaspan.models import allow_fp8_extra_state, resolve_impl
 
+    allow_fp8_extra_state(cfg)  # before any checkpoint is read: FP8-delayed resumes need it
     position = init_megatron(cfg)
     if datasets is None:
         data = build_data(cfg)

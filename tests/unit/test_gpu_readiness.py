@@ -8,6 +8,8 @@ this CPU machine, with a :class:`Capabilities` value standing for the H100 node.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -243,3 +245,81 @@ def test_seed_everything_applies_the_mode():
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(before, warn_only=True)
+
+
+# ---- FP8 checkpoints: Transformer Engine's pickle opt-in ---------------------------------------
+
+OPT_IN = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+def test_fp8_delayed_runs_opt_in_to_te_extra_state(monkeypatch):
+    """TE 2.17 refuses delayed scaling's pickled extra state unless opted in: resume would fail."""
+    from megaspan.models import allow_fp8_extra_state
+
+    monkeypatch.delenv(OPT_IN, raising=False)
+    assert not allow_fp8_extra_state(cfg(*FP8))  # tensorwise stores nothing pickled: left alone
+    assert OPT_IN not in os.environ
+    assert allow_fp8_extra_state(cfg("precision.fp8=hybrid", "precision.fp8_recipe=delayed"))
+    assert os.environ[OPT_IN] == "1"
+    monkeypatch.setenv(OPT_IN, "0")  # the user's explicit refusal wins
+    assert not allow_fp8_extra_state(cfg("precision.fp8=hybrid", "precision.fp8_recipe=delayed"))
+
+
+def test_launchers_set_the_opt_in_on_gpu_nodes():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = f'source {root}/launch/env.sh; megaspan_gpu_env_defaults; echo "${{{OPT_IN}:-unset}}"'
+    env = {"PATH": "/usr/bin:/bin", "MEGASPAN_GPU": "1"}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    env[OPT_IN] = "0"
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+
+
+# ---- the image ----------------------------------------------------------------------------------
+
+
+def _docker(name: str) -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[2] / "docker" / name).read_text()
+
+
+def test_image_sets_the_opt_in_and_builds_te_without_nccl_ep():
+    text = _docker("Dockerfile")
+    assert f"{OPT_IN}=1" in text.split("\nENV PYTHONUNBUFFERED", 1)[1]
+    te_build = text[text.index("building Transformer Engine") : text.index("transformer-engine @ git+")]
+    assert "NVTE_WITH_NCCL_EP=0" in te_build
+    assert "--require" in text and "matplotlib" in text.split("--require", 1)[1]
+    assert any(line.startswith("matplotlib") for line in _docker("requirements-image.txt").splitlines())
+
+
+def test_version_record_fails_on_a_missing_package():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "docker" / "record_versions.py"
+    ok = subprocess.run(
+        [sys.executable, str(tool), "--require", "torch", "megatron-core", "module:json"],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "--require",
+            "torch",
+            "transformer-engine",
+            "module:fused_weight_gradient_mlp_cuda",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1
+    assert "transformer-engine" in bad.stderr and "fused_weight_gradient_mlp_cuda" in bad.stderr

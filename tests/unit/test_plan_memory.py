@@ -1,19 +1,20 @@
 """``megaspan plan``'s memory estimate equals a hand computation for the tiny recipe.
 
 8 GPUs as TP2 x PP2 x DP2, bf16 weights, fp32 gradient reduction, distributed optimizer. The
-tiny model: h=64, 4 heads (no GQA), SwiGLU FFN of 192 (8/3 h rounded up to a multiple of 64),
-vocab 512, 2 layers of SpanNorm (layer 1 also owns the input norm N0; no final norm), untied
-embeddings. Per TP rank (TP splits every matrix, not the norm gains):
+tiny model: h=64, 4 heads (no GQA), SwiGLU FFN of 256 (8/3 h = 170.7 rounded up to a multiple
+of 128, megaspan.config.derived.FFN_MULTIPLE), vocab 512, 2 layers of SpanNorm (layer 1 also
+owns the input norm N0; no final norm), untied embeddings. Per TP rank (TP splits every matrix,
+not the norm gains):
 
     embedding  512 * 64 / 2                  = 16384   (stage 0)
     output     512 * 64 / 2                  = 16384   (stage 1)
     QKV        3 * 64 * 64 / 2               =  6144   per layer
     proj       64 * 64 / 2                   =  2048
-    FFN        (2 * 192 * 64 + 192 * 64) / 2 = 18432
+    FFN        (2 * 256 * 64 + 256 * 64) / 2 = 24576
     norms      64 per norm: 3 in layer 1, 2 in layer 2
 
-Stage 0: 16384 + 6144 + 2048 + 18432 + 192 = 43200; stage 1: 6144 + 2048 + 18432 + 128 + 16384
-= 43136. Bytes: weights 2 per parameter (bf16), gradients 4 (fp32 reduction), Adam 12 (fp32
+Stage 0: 16384 + 6144 + 2048 + 24576 + 192 = 49344; stage 1: 6144 + 2048 + 24576 + 128 + 16384
+= 49280. Bytes: weights 2 per parameter (bf16), gradients 4 (fp32 reduction), Adam 12 (fp32
 master + two moments) divided over DP=2. Activations (Korthikanti et al. 2022, no sequence
 parallelism): s*b*h * (10 + 24 / TP) per layer = 64*4*64 * 22 = 360448 with one micro-batch in
 flight; the last stage adds fp32 logits 4 * s*b * vocab / TP = 262144.
@@ -38,7 +39,7 @@ OVERRIDES = [
     "precision.grad_reduce_in_fp32=true",
     "model.share_embeddings_and_output_weights=false",
 ]
-STAGE_PARAMS = [16384 + 6144 + 2048 + 18432 + 3 * 64, 6144 + 2048 + 18432 + 2 * 64 + 16384]
+STAGE_PARAMS = [16384 + 6144 + 2048 + 24576 + 3 * 64, 6144 + 2048 + 24576 + 2 * 64 + 16384]
 SBH = 64 * 4 * 64
 LAYER_ACTIVATIONS = SBH * (10 + (5 + 19) / 2)
 LOGITS = 4 * 64 * 4 * 512 / 2

@@ -323,3 +323,25 @@ def test_version_record_fails_on_a_missing_package():
     )
     assert bad.returncode == 1
     assert "transformer-engine" in bad.stderr and "fused_weight_gradient_mlp_cuda" in bad.stderr
+
+
+# ---- the device is the local rank's, before set_device ---------------------------------------
+
+
+def test_capabilities_describe_the_local_ranks_device(monkeypatch):
+    """Before ``set_device`` every rank's current device is 0: the capability queries must name
+    LOCAL_RANK's device (modulo the visible ones, as init_process_group later picks it). The CUDA
+    driver calls are stood in for (no GPU here); what is checked is the index megaspan passes."""
+    from megaspan.models import backend
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: asked.append(index) or "H100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: asked.append(index) or (9, 0))
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    caps = backend.detect_capabilities()
+    assert asked == [2, 2]
+    assert caps.cuda and caps.compute_capability == (9, 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert backend.local_device_index() == 0

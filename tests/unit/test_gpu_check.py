@@ -169,13 +169,14 @@ def test_without_cuda_it_says_skip_and_exits_0(tmp_path):
     assert proc.stdout.startswith("SKIP  gpu_check") and "no CUDA device" in proc.stdout
 
 
-@pytest.mark.integration  # 6 CLI training runs of the tiny model (~1.5 min on 2 cores)
+@pytest.mark.integration  # 3 CLI training runs of the tiny model (~40 s on 2 cores)
 def test_training_phase_end_to_end_on_cpu(tmp_path):
-    """The whole phase-2 path: seed runs, resumed runs (torchrun for PP2), log parsing, judgement."""
+    """The whole phase-2 path: a seed run, resumed runs (torchrun for PP2), log parsing, judgement.
+    (The CPU-vs-GPU pair differs only in CUDA_VISIBLE_DEVICES, which this machine cannot vary.)"""
     out = tmp_path / "out"
     env = _cpu_env(
         GPU_CHECK_ON_CPU="1",
-        ONLY="cpu-vs-gpu-local,layout-pp2",
+        ONLY="layout-pp2",
         OUT=str(out),
         MEGASPAN_CACHE_DIR=str(tmp_path / "cache"),
         HOME=str(tmp_path / "home"),
@@ -185,9 +186,9 @@ def test_training_phase_end_to_end_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "gpu_check.json").read_text())
     status = {r["name"]: r["status"] for r in summary["results"]}
-    assert status == {"cpu-vs-gpu-local": "PASS", "layout-pp2": "PASS"}, proc.stdout
+    assert status == {"layout-pp2": "PASS"}, proc.stdout
     losses = json.loads((out / "losses.json").read_text())
-    assert set(losses) == {"seed-cpu", "cpu", "gpu-local", "seed", "ref", "pp2"}
+    assert set(losses) == {"seed", "ref", "pp2"}
     assert [int(s) for s in losses["seed"]] == list(range(1, gc.SEED_STEPS + 1))
     # the compared runs start from a trained model, not from initialisation
     assert losses["ref"]["1"] < losses["seed"]["1"] - 0.1

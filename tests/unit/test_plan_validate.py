@@ -161,6 +161,26 @@ BAD = [
         "overlap_param_gather=true needs parallel.use_distributed_optimizer",
     ),
     (["parallel.tensor_model_parallel_size=0"], 1, False, "tensor_model_parallel_size must be >= 1"),
+    # Each of these passed validate() once its own check was removed (mutation audit, issue 21).
+    (["model.hidden_size=100", "model.num_attention_heads=8"], 1, False, "hidden_size=100 is not divisible"),
+    (
+        ["model.hidden_size=512", "model.num_attention_heads=8", "model.num_query_groups=3"],
+        1,
+        False,
+        "num_attention_heads=8 is not divisible by model.num_query_groups=3",
+    ),
+    (["parallel.num_layers_in_first_pipeline_stage=1"], 1, False, "need pipeline_model_parallel_size > 1"),
+    (["parallel.num_layers_in_last_pipeline_stage=1"], 1, False, "need pipeline_model_parallel_size > 1"),
+    (
+        [
+            "parallel.recompute_granularity=full",
+            "parallel.recompute_method=uniform",
+            "parallel.recompute_num_layers=0",
+        ],
+        1,
+        False,
+        "parallel.recompute_num_layers",
+    ),
     (
         ["checkpoint.load_optimizer=false"],
         1,

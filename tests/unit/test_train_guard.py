@@ -62,6 +62,9 @@ class Poison(Hook):
 
 NAN_GRAD = "nan-grad"
 """A ``Poison`` factor: the loss stays finite, its gradients are NaN (an overflow in backward)."""
+NAN_LOSS = "nan-loss"
+"""A ``Poison`` factor: the reported loss is NaN, the gradients stay finite. Only the guard can
+drop this update: Megatron's optimizer sees a finite gradient norm and would apply it."""
 
 
 class _NanGrad(torch.autograd.Function):
@@ -85,6 +88,8 @@ def poison(monkeypatch):
         f = hook.factor
         if f == NAN_GRAD:
             return _NanGrad.apply(loss), tokens, report
+        if f == NAN_LOSS:
+            return loss, tokens, {"lm loss": report["lm loss"] * torch.tensor([math.nan, 1.0])}
         return loss * f, tokens, {"lm loss": report["lm loss"] * torch.tensor([f, 1.0])}
 
     monkeypatch.setattr(trainer_module, "loss_func", poisoned)
@@ -110,8 +115,11 @@ def _run(tmp_path, hook, *extra: str, steps: int = STEPS, samples: int = 16 * ST
     return trainer, code, summary, train
 
 
-def test_stop_on_nan_loss(single_process_group, tmp_path, poison):
-    poison.factors = {3: math.nan}
+# math.nan poisons loss and gradients (Megatron's grad-norm threshold would drop that update
+# too); NAN_LOSS keeps the gradients finite, so the update is dropped only if the guard drops it.
+@pytest.mark.parametrize("fault", [math.nan, NAN_LOSS], ids=["nan-loss-and-grads", "nan-loss-finite-grads"])
+def test_stop_on_nan_loss(single_process_group, tmp_path, poison, fault):
+    poison.factors = {3: fault}
     trainer, code, summary, _ = _run(tmp_path, poison, "training.guard.policy=stop")
     assert code == EXIT_DIVERGED and trainer.progress.step == 3
     assert summary["status"] == "diverged" and summary["steps"] == 3
@@ -121,8 +129,9 @@ def test_stop_on_nan_loss(single_process_group, tmp_path, poison):
     assert torch.equal(poison.params[3], poison.params[2])  # the bad update was not applied
 
 
-def test_skip_drops_the_nan_update_and_trains_on(single_process_group, tmp_path, poison):
-    poison.factors = {3: math.nan}
+@pytest.mark.parametrize("fault", [math.nan, NAN_LOSS], ids=["nan-loss-and-grads", "nan-loss-finite-grads"])
+def test_skip_drops_the_nan_update_and_trains_on(single_process_group, tmp_path, poison, fault):
+    poison.factors = {3: fault}
     trainer, code, summary, _ = _run(tmp_path, poison, "training.guard.policy=skip")
     assert code == 0 and summary["status"] == "completed" and summary["steps"] == STEPS
     assert poison.results[3].skipped and not poison.results[4].skipped
@@ -209,3 +218,25 @@ def test_rollback_retries_are_bounded(single_process_group, tmp_path, poison):
     assert [e["action"] for e in summary["guard_events"]] == [f"rollback to {checkpoint_name(4)}"] * 2 + [
         "stop"
     ]
+
+
+def test_repeated_rollbacks_compound_the_lr_factor(single_process_group, tmp_path, poison):
+    """Two rollbacks at 0.5 train on at 0.25x the LR (not 0.5x, not 0.125x), through the end."""
+    poison.factors = {5: math.nan, 8: math.nan}  # global batches: steps 5 and 7 (after one skip)
+    trainer, code, summary, _ = _run(
+        tmp_path,
+        poison,
+        "training.guard.policy=rollback",
+        "checkpoint.save_interval=2",
+        "training.guard.rollback_lr_factor=0.5",
+        "training.guard.max_retries=3",
+    )
+    assert code == 0 and summary["status"] == "completed"
+    assert [e["action"] for e in summary["guard_events"]] == [
+        f"rollback to {checkpoint_name(4)}",
+        f"rollback to {checkpoint_name(6)}",
+    ]
+    sched = trainer.objs.scheduler
+    assert sched.max_lr == pytest.approx(0.25 * 3.0e-3) and sched.min_lr == pytest.approx(0.25 * 3.0e-4)
+    # the LR of the last step: past schedule.decay_steps (5), min_lr, scaled twice
+    assert poison.results[STEPS].lr == pytest.approx(0.25 * 3.0e-4)

@@ -79,10 +79,16 @@ class GuardHook(Hook):
         self.skips_in_a_row = 0
         self._event: tuple[str, str] | None = None  # (kind, reason) of the current step
         self._base_lr: tuple[float, float] | None = None
+        self._base_groups: list[tuple[float | None, float | None]] = []
 
     def on_fit_start(self, trainer) -> None:
         sched = trainer.objs.scheduler
         self._base_lr = (sched.max_lr, sched.min_lr)
+        # Megatron's scheduler takes max_lr/min_lr from each optimizer param group when the group
+        # has them (as Megatron's own groups do), before its own attributes: scaling only the
+        # scheduler's attributes changes nothing.
+        groups = trainer.objs.optimizer.param_groups
+        self._base_groups = [(g.get("max_lr"), g.get("min_lr")) for g in groups]
 
     def before_optimizer_step(self, trainer, step: int) -> None:
         loss = trainer.pending.loss
@@ -142,6 +148,12 @@ class GuardHook(Hook):
         if scale != 1.0:
             sched = trainer.objs.scheduler
             sched.max_lr, sched.min_lr = self._base_lr[0] * scale, self._base_lr[1] * scale
+            # after load(): the optimizer's param groups are the checkpoint's, new dicts
+            for group, (max_lr, min_lr) in zip(trainer.objs.optimizer.param_groups, self._base_groups):
+                if max_lr is not None:
+                    group["max_lr"] = max_lr * scale
+                if min_lr is not None:
+                    group["min_lr"] = min_lr * scale
             trainer.log.info(f"guard: learning rate scaled by {scale:g} (max_lr {sched.max_lr:.4e})")
         self.detector.history.clear()
 

@@ -145,11 +145,22 @@ def _std(model, pattern):
     return torch.cat([w.flatten() for w in ws]).std().item()
 
 
-@pytest.mark.parametrize("placement,scaled", [(p, p not in NO_MEGATRON_SCALING) for p in PLACEMENTS])
-def test_megatron_scaled_output_init(mcore, placement, scaled):
-    """Megatron's sigma/sqrt(2L) on linear_proj/fc2 only where the paper uses it (LNS drops it)."""
+SCALED_OUTPUT_CASES = [(p, (), p not in NO_MEGATRON_SCALING) for p in PLACEMENTS] + [
+    # SpanNorm's b2t branch init is L^-1/2 *instead of* Megatron's sigma/sqrt(2L): never both
+    ("spannorm", ("model.norm.span_branch_init=b2t",), False),
+]
+
+
+@pytest.mark.parametrize(
+    "placement,extra,scaled",
+    SCALED_OUTPUT_CASES,
+    ids=[p + "".join(f"-{e.split('=')[1]}" for e in x) for p, x, _ in SCALED_OUTPUT_CASES],
+)
+def test_megatron_scaled_output_init(mcore, placement, extra, scaled):
+    """Megatron's sigma/sqrt(2L) on linear_proj/fc2 only where the paper uses it (LNS drops it).
+    Built without init rules: this is Megatron's init as the placement configures it."""
     built = build_model(
-        make_cfg(placement, extra=("model.hidden_size=256", "model.num_attention_heads=4")),
+        make_cfg(placement, extra=("model.hidden_size=256", "model.num_attention_heads=4", *extra)),
         vocab_size=64,
         init_rules=False,
     )

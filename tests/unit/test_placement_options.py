@@ -32,9 +32,23 @@ def _randomize_linear_biases(decoder, seed: int = 1) -> int:
 
 # Dense only: with MoE, Megatron-Core 0.19.2's SequentialMLP expert bias path raises on CPU
 # ("Output 0 of _ReduceFromModelParallelRegion is a view and is being modified inplace").
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_linear_biases_match_reference(mcore, placement):
-    cfg = tiny_cfg(placement, seq_length=8, extra=("model.add_bias_linear=true",))
+# SpanNorm's switches add terms that carry a bias of their own (the attention output term):
+# every switch combination, as in test_placements.py's switch test.
+SPAN_SWITCHES = {
+    "spannorm-attn": ("model.norm.span_include_attn_term=true",),
+    "spannorm-y": ("model.norm.span_include_y_term=true",),
+    "spannorm-attn-y-alpha": (
+        "model.norm.span_include_attn_term=true",
+        "model.norm.span_include_y_term=true",
+        "model.norm.span_residual_alpha=0.5",
+    ),
+}
+BIAS_CASES = [(p, ()) for p in PLACEMENTS] + [("spannorm", s) for s in SPAN_SWITCHES.values()]
+
+
+@pytest.mark.parametrize("placement,switches", BIAS_CASES, ids=PLACEMENTS + list(SPAN_SWITCHES))
+def test_linear_biases_match_reference(mcore, placement, switches):
+    cfg = tiny_cfg(placement, seq_length=8, extra=("model.add_bias_linear=true", *switches))
     decoder = decoder_of(cfg)
     # Every layer has QKV, output-projection and two FFN biases.
     assert _randomize_linear_biases(decoder) == 4 * len(decoder.layers)

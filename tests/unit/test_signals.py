@@ -11,10 +11,21 @@ import torch
 from megaspan.training.signals import PreemptionFlag
 
 
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def assert_installed(f: PreemptionFlag) -> None:
+    """Checked before any test signals itself: without the handler, SIGINT would raise
+    KeyboardInterrupt in pytest and end the whole session instead of failing one test."""
+    for sig in HANDLED:
+        assert signal.getsignal(sig) == f._handle, f"no PreemptionFlag handler for {sig.name}"
+
+
 @pytest.fixture
 def flag():
     f = PreemptionFlag()
     f.install()
+    assert_installed(f)
     yield f
     f.restore()
 
@@ -48,6 +59,7 @@ def test_sigint_inherited_as_ignored_is_handled_anyway():
     f = PreemptionFlag()
     try:
         f.install()
+        assert_installed(f)
         os.kill(os.getpid(), signal.SIGINT)
         assert f.signum == signal.SIGINT
     finally:

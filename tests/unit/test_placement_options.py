@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -70,6 +72,37 @@ RECOMPUTE = {
 }
 
 
+# Forward calls per layer during one forward + backward (4 layers), as the switch promises:
+# full/uniform x1 recomputes every layer, full/block x2 the first two of the stage, selective
+# only the core attention (counted on core_attention instead of the layer).
+RECOMPUTED_CALLS = {
+    "full-uniform": [2, 2, 2, 2],
+    "full-block": [2, 2, 1, 1],
+    "selective": [2, 2, 2, 2],
+}
+
+
+@contextlib.contextmanager
+def _count_calls(decoder):
+    """Forward calls of each layer (full recompute) or each layer's core attention (selective)."""
+    selective = decoder.config.recompute_granularity == "selective"
+    modules = [layer.self_attention.core_attention if selective else layer for layer in decoder.layers]
+    calls = [0] * len(modules)
+
+    def counter(i):
+        def hook(module, args, output):
+            calls[i] += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(counter(i)) for i, m in enumerate(modules)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _output_and_grads(decoder):
     """Output and parameter gradients through ``.backward()`` (checkpointing refuses ``.grad()``)."""
     g = torch.Generator().manual_seed(0)
@@ -86,10 +119,11 @@ def test_recompute_changes_nothing(mcore, placement, recompute):
     plain = decoder_of(tiny_cfg(placement, seq_length=8)).train()
     recomputed = decoder_of(tiny_cfg(placement, seq_length=8, extra=RECOMPUTE[recompute])).train()
     recomputed.load_state_dict(plain.state_dict())
-    granularity = RECOMPUTE[recompute][0].split("=")[1]
-    assert recomputed.config.recompute_granularity == granularity  # not vacuous: recompute is on
     out, x_grad, grads = _output_and_grads(plain)
-    out_r, x_grad_r, grads_r = _output_and_grads(recomputed)
+    # Not vacuous: the recomputed modules really run twice (forward, then again in backward).
+    with _count_calls(recomputed) as calls:
+        out_r, x_grad_r, grads_r = _output_and_grads(recomputed)
+    assert calls == RECOMPUTED_CALLS[recompute], calls
     torch.testing.assert_close(out_r, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x_grad_r, x_grad, rtol=1e-5, atol=1e-6)
     assert grads_r.keys() == grads.keys()

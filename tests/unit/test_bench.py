@@ -142,6 +142,49 @@ def test_finalize_ratios_come_from_medians():
     assert pre_bf16.ratio_to_pre == 1.0 and pre_bf16.ratio_to_stock is None and pre_bf16.mfu is None
 
 
+def test_compare_of_two_different_runs(tmp_path, capsys):
+    """B/A per row, each run's own vs-pre/vs-stock ratios, and rows present in one run only."""
+    meta = {"load_average": [0.5, 0.5, 0.5]}
+    a = report.document(
+        meta,
+        report.finalize(
+            [
+                _row("pre", "megaspan", [2.0, 2.0, 2.0]),
+                _row("spannorm", "megaspan", [2.2, 2.2, 2.2]),
+                _row("stock", "stock", [2.0, 2.0, 2.0]),
+                _row("peri", "megaspan", [3.0]),
+            ],
+            {"fp32": None},
+        ),
+    )
+    b = report.document(
+        meta,
+        report.finalize(
+            [
+                _row("pre", "megaspan", [1.0, 1.0, 1.0]),  # B twice as fast
+                _row("spannorm", "megaspan", [1.5, 1.5, 1.5]),  # but SpanNorm's overhead grew
+                _row("stock", "stock", [1.0, 1.0, 1.0]),
+                _row("lns", "megaspan", [1.0]),
+            ],
+            {"fp32": None},
+        ),
+    )
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    capsys.readouterr()
+    assert _main(["bench", "--compare", str(pa), str(pb)]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}  # fmt: skip
+    # columns: precision, A ms, B ms, B/A, A vs pre, B vs pre, A vs stock, B vs stock
+    assert rows["pre"] == ["fp32", "2000.0", "1000.0", "0.500", "1.000", "1.000", "1.000", "1.000"]
+    assert rows["spannorm"] == ["fp32", "2200.0", "1500.0", "0.682", "1.100", "1.500", "1.100", "1.500"]
+    assert rows["stock"][3] == "0.500"
+    assert set(rows) == {"pre", "spannorm", "stock"}
+    assert "in one run only: lns/fp32, peri/fp32" in table
+
+
 def test_compare_rejects_a_file_that_is_not_a_bench_result(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"steps": 3}))

@@ -17,7 +17,8 @@ Stage 0: 16384 + 6144 + 2048 + 24576 + 192 = 49344; stage 1: 6144 + 2048 + 24576
 = 49280. Bytes: weights 2 per parameter (bf16), gradients 4 (fp32 reduction), Adam 12 (fp32
 master + two moments) divided over DP=2. Activations (Korthikanti et al. 2022, no sequence
 parallelism): s*b*h * (10 + 24 / TP) per layer = 64*4*64 * 22 = 360448 with one micro-batch in
-flight; the last stage adds fp32 logits 4 * s*b * vocab / TP = 262144.
+flight (with sequence parallelism 34 * s*b*h / TP = 278528); the last stage adds fp32 logits
+4 * s*b * vocab / TP = 262144.
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ OVERRIDES = [
 ]
 STAGE_PARAMS = [16384 + 6144 + 2048 + 24576 + 3 * 64, 6144 + 2048 + 24576 + 2 * 64 + 16384]
 SBH = 64 * 4 * 64
-LAYER_ACTIVATIONS = SBH * (10 + (5 + 19) / 2)
+LAYER_ACTIVATIONS = {
+    False: SBH * (10 + (5 + 19) / 2),
+    # Sequence parallelism also splits the 10*sbh that TP alone replicates (LayerNorms, dropouts,
+    # the attention and MLP inputs): 34*sbh / TP (Korthikanti et al. 2022, eq. 4).
+    True: SBH * 34 / 2,
+}
 LOGITS = 4 * 64 * 4 * 512 / 2
 
 
-def test_memory_estimate_matches_a_hand_computation():
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
+def test_memory_estimate_matches_a_hand_computation(sequence_parallel):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [
         sys.executable,
@@ -58,6 +65,7 @@ def test_memory_estimate_matches_a_hand_computation():
         "--config",
         "tiny",
         *OVERRIDES,
+        f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
     ]
     # ~10 s on an idle 2-core machine (torch + Megatron import, two meta builds).
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -70,6 +78,6 @@ def test_memory_estimate_matches_a_hand_computation():
         assert memory["weights"] == 2 * params
         assert memory["grads"] == 4 * params
         assert memory["optimizer"] == 12 * params / 2
-        expected = LAYER_ACTIVATIONS + (LOGITS if stage["stage"] == 1 else 0)
+        expected = LAYER_ACTIVATIONS[sequence_parallel] + (LOGITS if stage["stage"] == 1 else 0)
         assert memory["activations"] == pytest.approx(expected)
         assert memory["total"] == pytest.approx(2 * params + 4 * params + 6 * params + expected)

@@ -687,13 +687,81 @@ def _translate_load_error(exc: BaseException, path: Path) -> CheckpointError:
     )
 
 
+# TE modules (its norm ops, linears with FP8 metadata) carry torch "extra state", saved as
+# ``<module>._extra_state`` sharded objects; the local backend's norms carry none. A checkpoint of
+# one backend loads into the other only if these keys may be absent on either side: the model
+# then keeps its own (default) extra state, and a checkpoint's extra state nobody asks for is
+# ignored. Every other key must match exactly.
+EXTRA_STATE_SUFFIX = "_extra_state"
+# Checkpoint entries that are not model weights: a weights-only load, or a world-size change (no
+# RNG state to give a rank), legitimately leaves them unread.
+_NOT_MODEL_KEYS = ("optimizer.", "rng_state", "common_state")
+
+
+def _listing(keys: list[str], limit: int = 4) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def key_mismatch(path: Path, in_checkpoint_only: set[str], in_model_only: set[str]) -> str | None:
+    """Why the keys of ``path`` and of this model disagree beyond what a TE<->local-backend
+    switch explains (``_extra_state`` on either side, optimizer/RNG entries left unread), or
+    None. ``in_model_only`` are keys the model asks for that the checkpoint lacks (Megatron's
+    "unexpected"), ``in_checkpoint_only`` the reverse (Megatron's "missing")."""
+    absent = [k for k in in_model_only if not k.endswith(EXTRA_STATE_SUFFIX)]
+    surplus = [
+        k
+        for k in in_checkpoint_only
+        if not k.endswith(EXTRA_STATE_SUFFIX) and not k.startswith(_NOT_MODEL_KEYS)
+    ]
+    if not absent and not surplus:
+        return None
+    parts = []
+    if absent:
+        parts.append(f"it lacks {len(absent)} tensor(s) this model has ({_listing(absent)})")
+    if surplus:
+        parts.append(f"it holds {len(surplus)} tensor(s) this model lacks ({_listing(surplus)})")
+    return (
+        f"{path} is from another model: {'; '.join(parts)}; resume with the model settings it was "
+        "saved with (its config is in the run dir's config.yaml), or start a new run dir"
+    )
+
+
 def _load(template: dict, path: Path) -> dict:
+    """``dist_checkpointing.load`` with explicit strictness (see ``EXTRA_STATE_SUFFIX``).
+
+    Megatron's default (``ASSUME_OK_UNEXPECTED``) leaves key checks to torch DCP, which refuses
+    any key the checkpoint lacks, extra state included ("Missing key in checkpoint state_dict"),
+    so a local-backend checkpoint could not load into a TE model. ``RETURN_ALL`` (what Megatron's
+    own TE<->local test uses) drops the template's keys the checkpoint lacks and returns both
+    mismatch sets; anything beyond extra state is refused here in one line. Collective: the
+    model-only keys are per rank, so the ranks agree on the first problem before raising.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     try:
-        return dist_checkpointing.load(template, str(path))
+        state, in_checkpoint_only, in_model_only = dist_checkpointing.load(
+            template, str(path), strict=StrictHandling.RETURN_ALL
+        )
     except (Exception, _DcpException) as exc:
         raise _translate_load_error(exc, path) from None
+    if (problem := _first_error(key_mismatch(path, in_checkpoint_only, in_model_only))) is not None:
+        raise CheckpointError(problem)
+    return state
+
+
+def _load_chunk(chunk, state: dict, path: Path) -> None:
+    """``chunk.load_state_dict`` where only extra state may be absent from ``state`` (it was
+    dropped by :func:`_load` because the checkpoint lacks it): the module keeps its own."""
+    result = chunk.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            key_mismatch(path, set(result.unexpected_keys), set(missing))
+            or f"{path} does not match this model"
+        )
 
 
 def check_tokenizer(path: Path, meta: dict[str, Any], expected_tokenizer_hash: str | None) -> None:
@@ -789,7 +857,7 @@ def load_checkpoint(
     template = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=True, with_rng=with_rng, extra={})
     state = _load(template, path)
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"model{i}"])
+        _load_chunk(chunk, state[f"model{i}"], path)
     _align_param_groups(state["optimizer"], optimizer)
     optimizer.load_state_dict(state["optimizer"])
     now = hyperparameters(optimizer, scheduler)
@@ -815,10 +883,21 @@ def _hyperparameters_from(scheduler_state: dict) -> dict[str, Any]:
     }
 
 
-def _load_weights_only(path: Path, chunks: list, optimizer) -> Resumed:
+def load_model_weights(path: Path, chunks: list) -> None:
+    """Load only the model weights of ``path`` into ``chunks`` (collective).
+
+    ``path`` is any ``dist_checkpointing`` directory with the model's keys (a megaspan
+    checkpoint, or ``dist_checkpointing.save(model.sharded_state_dict())``); no commit record is
+    checked. A TE model loads a local-backend checkpoint and vice versa (see ``_load``). Raises
+    :class:`~megaspan.errors.CheckpointError` (one line naming the keys) on any other mismatch.
+    """
     state = _load(_model_states(chunks), path)
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"model{i}"])
+        _load_chunk(chunk, state[f"model{i}"], path)
+
+
+def _load_weights_only(path: Path, chunks: list, optimizer) -> Resumed:
+    load_model_weights(path, chunks)
     # Mixed-precision and distributed optimizers keep fp32 main copies of the weights; without
     # this they would overwrite the loaded weights with the fresh init at the first step.
     optimizer.reload_model_params()

@@ -53,8 +53,9 @@ def resolve_resume(cfg: MegaspanConfig) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        # Checksums too: a corrupt newest checkpoint is skipped with one warning line.
-        return find_latest_valid(checkpoint_dir(cfg), verify=True)
+        # Checksums too: a corrupt newest checkpoint is skipped with one warning line; if
+        # checkpoints exist and none is intact, stop (never a silent restart from scratch).
+        return find_latest_valid(checkpoint_dir(cfg), verify=True, require_intact=True)
     path = Path(resume)
     # Checksums too (an explicit target is read once anyway), and the one line names the file
     # that is wrong, not just "incomplete".

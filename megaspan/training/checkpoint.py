@@ -5,6 +5,7 @@ Layout of ``<ckpt_dir>``::
     step_0000010/            one complete checkpoint (dist_checkpointing files + META_FILE)
     tmp-step_20/             a save in progress (or one that crashed); never loaded
     diverged-step_30/        the first model with non-finite parameters, kept aside for debugging
+    superseded-<lineage>-step_N/  another run's checkpoint a new run's save of step N replaced
     latest                   the name of the newest complete checkpoint
 
 Commit protocol, and why each step is ordered as it is:
@@ -21,8 +22,14 @@ Commit protocol, and why each step is ordered as it is:
 
 A crash anywhere before 4 leaves a ``tmp-`` directory that is ignored (and removed by
 :func:`remove_stale_tmp` at the next start); a crash between 4 and 5 leaves ``latest`` on the
-previous checkpoint, which is still complete. Resuming trusts ``latest`` only after validating
-what it names and otherwise takes the newest valid ``step_*``.
+previous checkpoint, which is still complete. Resuming treats ``latest`` as a hint: a newer
+checkpoint of the same run that passes full verification wins (with a warning), and a garbage
+``latest`` is ignored (see :func:`find_latest_valid`).
+
+Each checkpoint records its *lineage* (the run it belongs to: new at a fresh start, inherited on
+resume). Pruning deletes only the saving run's own checkpoints, so a run started over in the same
+directory (``checkpoint.resume=none``) never deletes another run's work; a same-step checkpoint
+of another run is moved aside to ``superseded-<lineage>-step_N``.
 
 What is saved: model chunks' and optimizer's sharded state (reshardable across TP/PP/DP), the LR
 scheduler (and the fp16 loss scaler, which is part of the optimizer state), per-rank RNG states
@@ -57,6 +64,10 @@ LATEST_FILE = "latest"
 _PREFIX = "step_"
 _TMP_PREFIX = "tmp-step_"
 DIVERGED_PREFIX = "diverged-step_"
+SUPERSEDED_PREFIX = "superseded-"
+# The lineage of checkpoints committed before lineages were recorded (and of saves that pass
+# none): they prune each other, as they always did.
+LEGACY_LINEAGE = "legacy"
 _HASH_CHUNK = 4 << 20
 
 
@@ -101,6 +112,9 @@ class Resumed(Progress):
     """
 
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict, compare=False)
+    lineage: str | None = field(default=None, compare=False)
+    """The loaded checkpoint's lineage: pass it to every later :func:`save_checkpoint` (None after
+    a weights-only load: that starts a new run)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -228,39 +242,106 @@ def _warn(message: str) -> None:
         print(f"megaspan: warning: {message}", file=sys.stderr, flush=True)
 
 
-def find_latest_valid(
-    ckpt_dir: Path, verify: bool = False, warn: Callable[[str], None] | None = None
-) -> Path | None:
-    """The newest intact checkpoint: ``latest`` if it names one, else the newest valid ``step_*``.
+def read_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """``(name, problem)``: the checkpoint name ``latest`` holds, or why it holds none usable.
 
-    Checkpoints newer than the one returned (or the one ``latest`` names) that fail
-    :func:`check_checkpoint` are skipped with ONE warning line naming them and why (``warn``,
-    default: ``megaspan: warning: ...`` on stderr from rank 0). ``verify=True`` checks checksums
-    too (for ``checkpoint.resume=auto``: the chosen checkpoint is then read once more, which also
-    warms the page cache for the load). Not collective: every rank reaches the same answer.
+    ``problem`` is None when the file is absent (a run dir without checkpoints) or names a
+    ``step_N`` directory of ``ckpt_dir``; otherwise it says what is wrong (binary garbage from a
+    bad disk, a path, anything not ``step_N``) and ``name`` is None."""
+    file = ckpt_dir / LATEST_FILE
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{file} is unreadable ({exc.strerror})"
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"{file} holds garbage, not a checkpoint name"
+    if not name:
+        return None, f"{file} is empty"
+    if "/" in name or _step_of(Path(name)) is None:
+        return None, f"{file} holds {name[:60]!r}, not a checkpoint name (step_NNNNNNN)"
+    return name, None
+
+
+def lineage_of(path: Path) -> str | None:
+    """The lineage recorded in ``path``'s commit record (:data:`LEGACY_LINEAGE` for checkpoints
+    from before lineages were recorded), or None when the record is unreadable."""
+    meta = read_meta(path)
+    return None if meta is None else (meta.get("lineage") or LEGACY_LINEAGE)
+
+
+def find_latest_valid(
+    ckpt_dir: Path,
+    verify: bool = False,
+    warn: Callable[[str], None] | None = None,
+    *,
+    require_intact: bool = False,
+) -> Path | None:
+    """The newest intact checkpoint of the run in ``ckpt_dir``, or None.
+
+    ``latest`` is trusted only as a hint. Checkpoints of its lineage that are *newer* than the
+    one it names are real work (a crash between the commit's rename and the ``latest`` update, or
+    a ``latest`` restored from an old backup): the newest of them that passes full verification
+    (checksums, whatever ``verify`` says) is chosen, with a warning. A ``latest`` holding garbage
+    is ignored the same way (the newest intact ``step_*`` wins). Checkpoints skipped because they
+    fail :func:`check_checkpoint` are named in ONE warning line (``warn``, default: ``megaspan:
+    warning: ...`` on stderr from rank 0). ``verify=True`` checks checksums for every candidate
+    (for ``checkpoint.resume=auto``: the chosen checkpoint is then read once more, which also
+    warms the page cache for the load).
+
+    ``require_intact=True`` (``checkpoint.resume=auto``): when checkpoints exist and none is
+    intact, raise a :class:`~megaspan.errors.CheckpointError` naming them instead of returning
+    None: a run whose storage went bad must not silently start over. Not collective: every rank
+    reaches the same answer.
     """
     warn = warn or _warn
     candidates = sorted(
         (p for p in ckpt_dir.glob(f"{_PREFIX}*") if _step_of(p) is not None), key=_step_of, reverse=True
     )
-    try:
-        pointed = ckpt_dir / (ckpt_dir / LATEST_FILE).read_text().strip()
-    except OSError:
-        pointed = None
-    if pointed is not None and _step_of(pointed) is not None:
-        # latest first, then anything older than it (newer ones are interrupted commits).
-        candidates = [pointed] + [p for p in candidates if _step_of(p) < _step_of(pointed)]
+    name, latest_problem = read_latest(ckpt_dir)
+    notes = [f"{latest_problem}: ignoring it"] if latest_problem else []
+    newer: list[Path] = []
+    if name is not None:
+        pointed = ckpt_dir / name
+        lineage = lineage_of(pointed)
+        # Newer checkpoints of another lineage (another run started over in this directory) are
+        # not this run's work; with the pointed one unreadable its lineage is unknown: all count.
+        newer = [
+            p
+            for p in candidates
+            if _step_of(p) > _step_of(pointed) and (lineage is None or lineage_of(p) == lineage)
+        ]
+        candidates = newer + [pointed] + [p for p in candidates if _step_of(p) < _step_of(pointed)]
     skipped: list[str] = []
     for path in candidates:
-        problem = check_checkpoint(path, verify)
+        problem = check_checkpoint(path, verify or path in newer)
         if problem is None:
+            if path in newer:
+                notes.append(
+                    f"{ckpt_dir / LATEST_FILE} names {name}, but {path.name} is newer and passes full "
+                    "verification"
+                )
             if skipped:
-                warn(f"skipping corrupt checkpoint(s): {'; '.join(skipped)}; resuming from {path}")
+                notes.append(f"skipping corrupt checkpoint(s): {'; '.join(skipped)}")
+            if notes:
+                warn(f"{'; '.join(notes)}; resuming from {path}")
             return path
         if path.exists():
             skipped.append(problem)
+    if skipped and require_intact:
+        raise CheckpointError(
+            f"no intact checkpoint in {ckpt_dir} ({'; '.join(skipped)}); not starting over on top of "
+            "them: restore them from a copy, point checkpoint.resume at an intact checkpoint, or start "
+            "over in this run dir with checkpoint.resume=none (the damaged ones are kept; a new run "
+            "never prunes or overwrites another run's checkpoints)"
+        )
     if skipped:
         warn(f"no intact checkpoint in {ckpt_dir} ({'; '.join(skipped)}): starting from scratch")
+    elif notes:
+        warn("; ".join(notes))
     return None
 
 
@@ -525,10 +606,14 @@ def _write_shards(state: dict, tmp: Path) -> None:
 
 
 def _latest_name(ckpt_dir: Path) -> str | None:
-    try:
-        return (ckpt_dir / LATEST_FILE).read_text().strip() or None
-    except OSError:
-        return None
+    return read_latest(ckpt_dir)[0]
+
+
+def new_lineage() -> str:
+    """A fresh lineage id for a run that starts from scratch (see :func:`save_checkpoint`)."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 def save_checkpoint(
@@ -541,6 +626,7 @@ def save_checkpoint(
     keep_last: int | None,
     *,
     tokenizer_hash: str | None = None,
+    lineage: str | None = None,
 ) -> Path:
     """Save and commit a checkpoint of ``progress.step`` (collective: call on every rank).
 
@@ -550,7 +636,14 @@ def save_checkpoint(
     ``tmp-step_N`` is removed and earlier checkpoints are untouched. ``tokenizer_hash``
     (:func:`megaspan.data.tokenizer.tokenizer_hash`) is recorded so that a resume with another
     tokenizer can be refused.
+
+    ``lineage`` names the run the checkpoint belongs to (:func:`new_lineage` at a fresh start,
+    the resumed checkpoint's :attr:`Resumed.lineage` after a resume; rank 0's value is the one
+    recorded). Pruning deletes only checkpoints of the same lineage, and a save whose step
+    directory already holds another lineage's checkpoint moves that one aside
+    (``superseded-<lineage>-step_N``) instead of deleting it. None = :data:`LEGACY_LINEAGE`.
     """
+    lineage = lineage or LEGACY_LINEAGE
     step = progress.step
     bad, total = _nonfinite_counts(chunks)
     diverged = bad > 0
@@ -586,10 +679,19 @@ def save_checkpoint(
         if _rank() == 0:
             try:
                 _commit(
-                    ckpt_dir, tmp, final, progress, optimizer, scheduler, manifest, tokenizer_hash, diverged
+                    ckpt_dir,
+                    tmp,
+                    final,
+                    progress,
+                    optimizer,
+                    scheduler,
+                    manifest,
+                    tokenizer_hash,
+                    diverged,
+                    lineage,
                 )
                 if not diverged:
-                    prune(ckpt_dir, keep_last, keep=final)
+                    prune(ckpt_dir, keep_last, keep=final, lineage=lineage)
             except OSError as exc:
                 if exc.errno not in _FS_ERRNOS:
                     raise
@@ -619,8 +721,10 @@ def _commit(
     manifest: dict,
     tokenizer_hash: str | None,
     diverged: bool,
+    lineage: str,
 ) -> None:
     meta = {
+        "lineage": lineage,
         "step": progress.step,
         "consumed_samples": progress.consumed_samples,
         "world_size": _world(),
@@ -632,24 +736,43 @@ def _commit(
         "saved_at": time.time(),
     }
     _write_atomic(tmp / META_FILE, json.dumps(meta, default=str))
-    if final.exists():  # re-saving a step (e.g. after a resume): the new copy wins
-        shutil.rmtree(final)
+    if final.exists():
+        other = lineage_of(final)
+        if other == lineage:  # re-saving a step (e.g. after a resume): the new copy wins
+            shutil.rmtree(final)
+        else:  # another run's (or an unreadable) checkpoint: never deleted, moved aside
+            aside = ckpt_dir / f"{SUPERSEDED_PREFIX}{(other or 'unknown')[:12]}-{final.name}"
+            shutil.rmtree(aside, ignore_errors=True)  # the same step of the same other run, twice
+            os.rename(final, aside)
+            print(
+                f"megaspan: warning: {final} held a checkpoint of another run (lineage {other or 'unknown'}): "
+                f"moved it to {aside}",
+                file=sys.stderr,
+                flush=True,
+            )
     os.rename(tmp, final)
     if not diverged:
         _write_atomic(ckpt_dir / LATEST_FILE, final.name + "\n")
 
 
-def prune(ckpt_dir: Path, keep_last: int | None, keep: Path) -> None:
-    """Delete abandoned ``tmp-`` saves and all but the newest ``keep_last`` checkpoints.
+def prune(ckpt_dir: Path, keep_last: int | None, keep: Path, lineage: str | None = None) -> None:
+    """Delete abandoned ``tmp-`` saves and all but the newest ``keep_last`` checkpoints of
+    ``lineage`` (None = :data:`LEGACY_LINEAGE`).
 
-    Never deletes ``keep`` or what ``latest`` names; ``diverged-*`` copies are not ``step_*``
-    checkpoints and are never pruned (there is at most one)."""
+    Never deletes ``keep``, what ``latest`` names, a checkpoint of another lineage (another run
+    that started over in this directory) or one whose commit record is unreadable (its lineage is
+    unknown); ``diverged-*`` copies are not ``step_*`` checkpoints and are never pruned (there is
+    at most one)."""
     for tmp in ckpt_dir.glob(f"{_TMP_PREFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
     if keep_last is None:
         return
+    lineage = lineage or LEGACY_LINEAGE
     protected = {keep.name, _latest_name(ckpt_dir)}
-    steps = sorted((p for p in ckpt_dir.glob(f"{_PREFIX}*") if _step_of(p) is not None), key=_step_of)
+    steps = sorted(
+        (p for p in ckpt_dir.glob(f"{_PREFIX}*") if _step_of(p) is not None and lineage_of(p) == lineage),
+        key=_step_of,
+    )
     for old in steps[: max(0, len(steps) - keep_last)]:
         if old.name not in protected:
             shutil.rmtree(old, ignore_errors=True)
@@ -687,13 +810,81 @@ def _translate_load_error(exc: BaseException, path: Path) -> CheckpointError:
     )
 
 
+# TE modules (its norm ops, linears with FP8 metadata) carry torch "extra state", saved as
+# ``<module>._extra_state`` sharded objects; the local backend's norms carry none. A checkpoint of
+# one backend loads into the other only if these keys may be absent on either side: the model
+# then keeps its own (default) extra state, and a checkpoint's extra state nobody asks for is
+# ignored. Every other key must match exactly.
+EXTRA_STATE_SUFFIX = "_extra_state"
+# Checkpoint entries that are not model weights: a weights-only load, or a world-size change (no
+# RNG state to give a rank), legitimately leaves them unread.
+_NOT_MODEL_KEYS = ("optimizer.", "rng_state", "common_state")
+
+
+def _listing(keys: list[str], limit: int = 4) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def key_mismatch(path: Path, in_checkpoint_only: set[str], in_model_only: set[str]) -> str | None:
+    """Why the keys of ``path`` and of this model disagree beyond what a TE<->local-backend
+    switch explains (``_extra_state`` on either side, optimizer/RNG entries left unread), or
+    None. ``in_model_only`` are keys the model asks for that the checkpoint lacks (Megatron's
+    "unexpected"), ``in_checkpoint_only`` the reverse (Megatron's "missing")."""
+    absent = [k for k in in_model_only if not k.endswith(EXTRA_STATE_SUFFIX)]
+    surplus = [
+        k
+        for k in in_checkpoint_only
+        if not k.endswith(EXTRA_STATE_SUFFIX) and not k.startswith(_NOT_MODEL_KEYS)
+    ]
+    if not absent and not surplus:
+        return None
+    parts = []
+    if absent:
+        parts.append(f"it lacks {len(absent)} tensor(s) this model has ({_listing(absent)})")
+    if surplus:
+        parts.append(f"it holds {len(surplus)} tensor(s) this model lacks ({_listing(surplus)})")
+    return (
+        f"{path} is from another model: {'; '.join(parts)}; resume with the model settings it was "
+        "saved with (its config is in the run dir's config.yaml), or start a new run dir"
+    )
+
+
 def _load(template: dict, path: Path) -> dict:
+    """``dist_checkpointing.load`` with explicit strictness (see ``EXTRA_STATE_SUFFIX``).
+
+    Megatron's default (``ASSUME_OK_UNEXPECTED``) leaves key checks to torch DCP, which refuses
+    any key the checkpoint lacks, extra state included ("Missing key in checkpoint state_dict"),
+    so a local-backend checkpoint could not load into a TE model. ``RETURN_ALL`` (what Megatron's
+    own TE<->local test uses) drops the template's keys the checkpoint lacks and returns both
+    mismatch sets; anything beyond extra state is refused here in one line. Collective: the
+    model-only keys are per rank, so the ranks agree on the first problem before raising.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     try:
-        return dist_checkpointing.load(template, str(path))
+        state, in_checkpoint_only, in_model_only = dist_checkpointing.load(
+            template, str(path), strict=StrictHandling.RETURN_ALL
+        )
     except (Exception, _DcpException) as exc:
         raise _translate_load_error(exc, path) from None
+    if (problem := _first_error(key_mismatch(path, in_checkpoint_only, in_model_only))) is not None:
+        raise CheckpointError(problem)
+    return state
+
+
+def _load_chunk(chunk, state: dict, path: Path) -> None:
+    """``chunk.load_state_dict`` where only extra state may be absent from ``state`` (it was
+    dropped by :func:`_load` because the checkpoint lacks it): the module keeps its own."""
+    result = chunk.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            key_mismatch(path, set(result.unexpected_keys), set(missing))
+            or f"{path} does not match this model"
+        )
 
 
 def check_tokenizer(path: Path, meta: dict[str, Any], expected_tokenizer_hash: str | None) -> None:
@@ -789,7 +980,7 @@ def load_checkpoint(
     template = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=True, with_rng=with_rng, extra={})
     state = _load(template, path)
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"model{i}"])
+        _load_chunk(chunk, state[f"model{i}"], path)
     _align_param_groups(state["optimizer"], optimizer)
     optimizer.load_state_dict(state["optimizer"])
     now = hyperparameters(optimizer, scheduler)
@@ -800,7 +991,12 @@ def load_checkpoint(
         set_rng_state(state["rng_state"])
     saved = meta.get("hyperparameters") or _hyperparameters_from(state["scheduler"])
     changed = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved.get(k) != v}
-    return Resumed(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]), changed=changed)
+    return Resumed(
+        step=int(state["step"]),
+        consumed_samples=int(state["consumed_samples"]),
+        changed=changed,
+        lineage=meta.get("lineage") or LEGACY_LINEAGE,
+    )
 
 
 def _hyperparameters_from(scheduler_state: dict) -> dict[str, Any]:
@@ -815,10 +1011,21 @@ def _hyperparameters_from(scheduler_state: dict) -> dict[str, Any]:
     }
 
 
-def _load_weights_only(path: Path, chunks: list, optimizer) -> Resumed:
+def load_model_weights(path: Path, chunks: list) -> None:
+    """Load only the model weights of ``path`` into ``chunks`` (collective).
+
+    ``path`` is any ``dist_checkpointing`` directory with the model's keys (a megaspan
+    checkpoint, or ``dist_checkpointing.save(model.sharded_state_dict())``); no commit record is
+    checked. A TE model loads a local-backend checkpoint and vice versa (see ``_load``). Raises
+    :class:`~megaspan.errors.CheckpointError` (one line naming the keys) on any other mismatch.
+    """
     state = _load(_model_states(chunks), path)
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"model{i}"])
+        _load_chunk(chunk, state[f"model{i}"], path)
+
+
+def _load_weights_only(path: Path, chunks: list, optimizer) -> Resumed:
+    load_model_weights(path, chunks)
     # Mixed-precision and distributed optimizers keep fp32 main copies of the weights; without
     # this they would overwrite the loaded weights with the fresh init at the first step.
     optimizer.reload_model_params()

@@ -23,7 +23,7 @@ from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import config_to_dict
 from megaspan.config.schema import MegaspanConfig
 from megaspan.training.batches import Batch, micro_batches
-from megaspan.training.checkpoint import Progress, load_checkpoint, save_checkpoint
+from megaspan.training.checkpoint import Progress, load_checkpoint, new_lineage, save_checkpoint
 from megaspan.training.hooks import Hook, Reduced, StepResult, StopRequest, call
 from megaspan.training.metrics import MetricsLogger
 from megaspan.training.setup import TrainingObjects, cuda_free
@@ -127,6 +127,9 @@ class Trainer:
         self.device = runtime.device()
         self.preempt = preempt  # PreemptionFlag or None; its local flag rides on the step's all-reduce
         self.tokenizer_hash = tokenizer_hash  # recorded in checkpoints, checked on load
+        # Which run this is, recorded in its checkpoints: pruning touches only its own. A fresh
+        # start is a new lineage; a resume continues the loaded checkpoint's (see load).
+        self.lineage = new_lineage()
         self._lock = run_dir_lock
         self.fwd_bwd = get_forward_backward_func()
         self.step_fn = partial(forward_step, cfg.data.reset_attention_mask)
@@ -261,6 +264,7 @@ class Trainer:
                 config_to_dict(cfg),
                 cfg.checkpoint.keep_last,
                 tokenizer_hash=self.tokenizer_hash,
+                lineage=self.lineage,
             )
         self.log.info(f"saved checkpoint {path}")
         return path
@@ -281,6 +285,8 @@ class Trainer:
                 expected_tokenizer_hash=self.tokenizer_hash,
             )
         self.progress = Progress(progress.step, progress.consumed_samples)
+        # A weights-only load starts a new run (lineage None): keep this one's fresh lineage.
+        self.lineage = getattr(progress, "lineage", None) or self.lineage
         self.seek(progress.consumed_samples if consumed_samples is None else consumed_samples)
         return progress
 

@@ -29,6 +29,14 @@ shard of each gradient bucket (the reduce-scatter leaves local partial sums else
 each rank counts only its own shard, whose gradient is exactly what Megatron's own grad norm
 reads. The MoE load sums the first micro-batch's routing over every data-parallel replica.
 
+Cost on a large model (armed steps only): statistics stay on the device as 0-dim tensors until
+one ``tolist()`` per phase (after the backward, after the optimizer step): no host sync per layer
+or per parameter; gradient and weight norms are batched with ``torch._foreach_norm``. The weight
+snapshot for the update ratios is kept OFF the device, in the weights' own dtype (pinned host
+buffers reused across armed steps on CUDA); each weight comes back one at a time for its
+difference, so the device holds at most one extra weight (in fp32) at a time, never an fp32 copy of
+every attention/MLP matrix.
+
 Hybrid models (``model.arch=hybrid``) report per GPT *block*: a block's two hybrid layers (the
 attention half ``*`` and the MLP/MoE half ``-``/``E``) are one row, keyed on ``block_number``
 (global across pipeline stages), with the block input (the attention half's input) and the
@@ -113,21 +121,35 @@ def _grad(param):
     return param.grad if grad is None else grad
 
 
-def token_cosine(hidden: torch.Tensor) -> float:
-    """Mean off-diagonal cosine similarity between positions of the first sequence; [s, b, h]."""
+def _token_cosine(hidden: torch.Tensor) -> torch.Tensor:
     x = hidden[:_MAX_TOKENS, 0, :].float()
     x = torch.nn.functional.normalize(x, dim=-1)
     s = x.shape[0]
     if s < 2:
-        return 1.0
+        return torch.ones((), device=hidden.device)
     sim = x @ x.t()
-    return float((sim.sum() - sim.diagonal().sum()) / (s * (s - 1)))
+    return (sim.sum() - sim.diagonal().sum()) / (s * (s - 1))
+
+
+def token_cosine(hidden: torch.Tensor) -> float:
+    """Mean off-diagonal cosine similarity between positions of the first sequence; [s, b, h]."""
+    return float(_token_cosine(hidden))
+
+
+def _angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1, eps=1e-12)
+    return torch.arccos(cos.clamp(-1.0, 1.0)).mean() / math.pi
 
 
 def angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
     """Mean over tokens of arccos(cos(x_in_t, x_out_t)) / pi, in [0, 1]; [s, b, h] each."""
-    cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1, eps=1e-12)
-    return float(torch.arccos(cos.clamp(-1.0, 1.0)).mean() / math.pi)
+    return float(_angular_distance(x_in, x_out))
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 2-norms of ``tensors`` as 0-dim device tensors, batched (one kernel per device/dtype
+    group), no host sync."""
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32)) if tensors else []
 
 
 def _column(name: str) -> int | None:
@@ -174,7 +196,10 @@ class LayerDiagnostics:
         self._acts: dict[int, tuple[float, ...]] = {}
         self._block_in: dict[int, torch.Tensor] = {}  # hybrid: attention half's input, per block
         self._moe: dict[int, tuple[torch.Tensor, float, int]] = {}
-        self._before: dict[int, torch.Tensor] = {}
+        self._before: dict[int, torch.Tensor] = {}  # id(param) -> host copy (snapshot_weights)
+        self._before_norms: list[torch.Tensor] = []
+        self._before_entries: list = []
+        self._host: dict[int, torch.Tensor] = {}  # reusable (pinned on CUDA) host buffers
         self.num_experts = 0
         if interval:
             for layer in self.layers:
@@ -207,11 +232,13 @@ class LayerDiagnostics:
         if _half(layer) is not None:
             x_in = self._block_in.pop(number, None)
         hidden = output[0] if isinstance(output, tuple) else output
-        with torch.no_grad():
+        with torch.no_grad():  # 0-dim device tensors: read to the host once, in collect()
             h = hidden.float()
-            rms = float(h.pow(2).mean().sqrt())
-            angle = angular_distance(x_in, hidden) if isinstance(x_in, torch.Tensor) else math.nan
-            self._acts[number] = (rms, token_cosine(hidden), angle, float(h.abs().max()))
+            nan = torch.full((), math.nan, device=h.device)
+            angle = _angular_distance(x_in, hidden) if isinstance(x_in, torch.Tensor) else nan
+            self._acts[number] = torch.stack(
+                [h.pow(2).mean().sqrt(), _token_cosine(hidden), angle, h.abs().max()]
+            )
 
     def _router_hook(self, layer_number: int):
         def hook(router, args, output) -> None:
@@ -224,16 +251,18 @@ class LayerDiagnostics:
                     x, router.weight.float(), None if bias is None else bias.float()
                 )
                 logp = torch.log_softmax(logits, dim=-1)
-                entropy = float(-(logp.exp() * logp).sum(-1).sum())
+                entropy = -(logp.exp() * logp).sum(-1).sum()
                 routing_map = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if isinstance(routing_map, torch.Tensor) and routing_map.shape == logits.shape:
                     load = routing_map.float().sum(0)
                 else:  # fall back to the top-k of the logits
                     k = router.config.moe_router_topk
                     load = torch.zeros_like(logits[0]).index_add_(
-                        0, logits.topk(k, dim=-1).indices.flatten(), torch.ones(x.shape[0] * k)
+                        0,
+                        logits.topk(k, dim=-1).indices.flatten(),
+                        torch.ones(x.shape[0] * k, device=logits.device),
                     )
-                self._moe[layer_number] = (load.double().cpu(), entropy, x.shape[0])
+                self._moe[layer_number] = (load.double(), entropy, x.shape[0])
 
         return hook
 
@@ -246,49 +275,61 @@ class LayerDiagnostics:
         lo, hi, _ = self.shards[param]
         return flat[lo:hi]
 
-    def _param_sums(self, fn) -> torch.Tensor:
-        """[num_layers, 2] (attn, mlp) of fn(name, param) summed so a world all-reduce is exact:
-        each value is divided by the number of ranks that count the same elements."""
-        table = torch.zeros(self.num_layers, 2, dtype=torch.float64)
+    def _entries(self, matrices_only: bool = False):
+        """(table index = 2 * (row - 1) + column, sharers, name, param) of every attention/MLP
+        parameter of this rank's layers. ``sharers``: how many ranks count the same elements, so
+        that a world sum of value / sharers is exact (ranks of one distributed-optimizer group
+        count disjoint shards)."""
+        out = []
         for layer in self.layers:
             for name, param in layer.named_parameters():
                 col = _column(name)
-                value = fn(name, param) if col is not None else None
-                if value is not None:
-                    # Ranks of one distributed-optimizer group count disjoint shards.
-                    sharers = _copies(name, param) / self.shards.get(param, (0, 0, 1))[2]
-                    table[block_number(layer) - 1, col] += value / sharers
+                if col is None or (matrices_only and param.dim() < 2):
+                    continue
+                sharers = _copies(name, param) / self.shards.get(param, (0, 0, 1))[2]
+                out.append((2 * (block_number(layer) - 1) + col, sharers, name, param))
+        return out
+
+    def _table(self, entries, norms: list[torch.Tensor], device) -> torch.Tensor:
+        """[num_layers * 2] (attn, mlp per row) float64 on ``device``: the sum over ``entries`` of
+        norm^2 / sharers, without leaving the device."""
+        table = torch.zeros(self.num_layers * 2, dtype=torch.float64, device=device)
+        if entries:
+            index = torch.tensor([e[0] for e in entries], device=device)
+            weight = torch.tensor([1.0 / e[1] for e in entries], dtype=torch.float64, device=device)
+            sq = torch.stack([n.to(device) for n in norms]).double().pow(2)
+            table.index_add_(0, index, sq * weight)
         return table
 
     def collect(self, device: torch.device) -> dict[str, float]:
-        """All ranks call this after the backward of an armed step; returns tag -> value."""
+        """All ranks call this after the backward of an armed step; returns tag -> value.
+
+        Everything stays on ``device`` up to one all-reduce and ONE host read (``tolist``)."""
         from megatron.core import parallel_state as ps
 
         first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        acts = torch.zeros(self.num_layers, len(ACT_FIELDS), dtype=torch.float64)
+        acts = torch.zeros(self.num_layers, len(ACT_FIELDS), dtype=torch.float64, device=device)
         if first:
             for number, values in self._acts.items():
-                acts[number - 1] = torch.tensor(values, dtype=torch.float64)
+                acts[number - 1] = values.to(device, torch.float64)
 
-        def grad_sq(name, param):
-            grad = _grad(param)
-            return None if grad is None else float(self._own(param, grad).float().pow(2).sum())
-
-        grads = self._param_sums(grad_sq)
+        entries = [e for e in self._entries() if _grad(e[3]) is not None]
+        grads = self._table(entries, _norms([self._own(e[3], _grad(e[3])) for e in entries]), device)
         # MoE: per layer [load per expert..., entropy sum, tokens]; with SP every TP rank routes its
         # own tokens, without it TP ranks route the same ones (count TP rank 0 only).
-        moe = torch.zeros(self.num_layers, self.num_experts + 2, dtype=torch.float64)
+        moe = torch.zeros(self.num_layers, self.num_experts + 2, dtype=torch.float64, device=device)
         sp = any(getattr(getattr(layer, "config", None), "sequence_parallel", False) for layer in self.layers)
         if sp or ps.get_tensor_model_parallel_rank() == 0:
             for number, (load, entropy, tokens) in self._moe.items():
-                moe[number - 1, : load.numel()] = load
-                moe[number - 1, -2], moe[number - 1, -1] = entropy, tokens
-        n_act = acts.numel()
-        flat = torch.cat([acts.flatten(), grads.flatten(), moe.flatten()]).to(device)
-        flat = _world_sum(flat).cpu()
-        acts = flat[:n_act].view_as(acts)
-        grads = flat[n_act : n_act + grads.numel()].view_as(grads).sqrt()
-        moe = flat[n_act + grads.numel() :].view_as(moe)
+                moe[number - 1, : load.numel()] = load.to(device)
+                moe[number - 1, -2] = entropy.to(device, torch.float64)
+                moe[number - 1, -1] = tokens
+        flat = _world_sum(torch.cat([acts.flatten(), grads, moe.flatten()])).tolist()  # the one sync
+        n_act, n_moe = acts.numel(), self.num_experts + 2
+        acts = [flat[i * len(ACT_FIELDS) : (i + 1) * len(ACT_FIELDS)] for i in range(self.num_layers)]
+        grads = [math.sqrt(v) for v in flat[n_act : n_act + 2 * self.num_layers]]
+        base = n_act + 2 * self.num_layers
+        moe = [flat[base + i * n_moe : base + (i + 1) * n_moe] for i in range(self.num_layers)]
         self.armed = False
 
         self.record: dict[int, dict[str, object]] = {}
@@ -296,15 +337,16 @@ class LayerDiagnostics:
         for n in range(self.num_layers):
             row: dict[str, object] = {}
             for i, (_tag, key) in enumerate(ACT_FIELDS):
-                row[key] = float(acts[n, i])
+                row[key] = acts[n][i]
             for i, (_tag, key) in enumerate(GRAD_FIELDS):
-                row[key] = float(grads[n, i])
-            if self.num_experts and moe[n, -1] > 0:
-                load = moe[n, : self.num_experts]
-                mean = float(load.mean())
-                row["moe_tokens_per_expert"] = [float(v) for v in load]
-                row["moe_load_cv"] = float(load.std(unbiased=False)) / mean if mean > 0 else math.nan
-                row["moe_router_entropy"] = float(moe[n, -2] / moe[n, -1])
+                row[key] = grads[2 * n + i]
+            if self.num_experts and moe[n][-1] > 0:
+                load = moe[n][: self.num_experts]
+                mean = sum(load) / len(load)
+                std = math.sqrt(sum((v - mean) ** 2 for v in load) / len(load))
+                row["moe_tokens_per_expert"] = load
+                row["moe_load_cv"] = std / mean if mean > 0 else math.nan
+                row["moe_router_entropy"] = moe[n][-2] / moe[n][-1]
             self.record[n + 1] = row
             for tag, key in ACT_FIELDS + GRAD_FIELDS:
                 out[f"diag/{tag}/layer_{n + 1:03d}"] = row[key]
@@ -314,37 +356,48 @@ class LayerDiagnostics:
         return out
 
     def snapshot_weights(self) -> None:
-        """Before the optimizer step: keep the attention/MLP weight matrices (armed steps only;
-        under the distributed optimizer only this rank's shard, the part its step updates)."""
-        self._before = {
-            id(p): self._own(p, p.detach()).float().clone()
-            for layer in self.layers
-            for name, p in layer.named_parameters()
-            if _column(name) is not None and p.dim() >= 2
-        }
+        """Before the optimizer step (armed steps only): the attention/MLP weight matrices (under
+        the distributed optimizer only this rank's shard, the part its step updates), copied off
+        the device in their own dtype, and their norms (on the device, batched, no sync)."""
+        entries = self._entries(matrices_only=True)
+        tensors = [self._own(e[3], e[3].detach()) for e in entries]
+        self._before_norms = _norms(tensors)
+        pin = torch.cuda.is_available()
+        before: dict[int, torch.Tensor] = {}
+        for (_, _, _, p), t in zip(entries, tensors):
+            buf = self._host.get(id(p))
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                self._host[id(p)] = buf  # reused at the next armed step: no re-pinning
+            # Non-blocking from pinned memory: queued on the current stream before the optimizer
+            # step's in-place update, so it copies the weights as they are now.
+            buf.copy_(t, non_blocking=pin and t.is_cuda)
+            before[id(p)] = buf
+        self._before = before
+        self._before_entries = entries
 
     def update_ratios(self, device: torch.device) -> dict[str, float]:
         """After the optimizer step: ||W_after - W_before|| / ||W_before|| per layer, attn and MLP."""
         if not self._before:
             return {}
-        before = self._before
-
-        def delta_sq(name, p):
-            if id(p) not in before:
-                return None
-            return float((self._own(p, p.detach()).float() - before[id(p)]).pow(2).sum())
-
-        def weight_sq(name, p):
-            return float(before[id(p)].pow(2).sum()) if id(p) in before else None
-
-        flat = torch.cat([self._param_sums(delta_sq).flatten(), self._param_sums(weight_sq).flatten()])
-        flat = _world_sum(flat.to(device)).cpu()
-        delta, weight = flat.view(2, self.num_layers, 2).sqrt()
-        self._before = {}
+        entries, deltas = self._before_entries, []
+        for _, _, _, p in entries:
+            after = self._own(p, p.detach())
+            # One weight at a time back on the device: at most one fp32 temporary per weight.
+            before = self._before[id(p)].to(after.device, non_blocking=True)
+            deltas.append(torch.linalg.vector_norm(after.float() - before.float()))
+        flat = torch.cat(
+            [self._table(entries, deltas, device), self._table(entries, self._before_norms, device)]
+        )
+        flat = _world_sum(flat).tolist()  # the one sync
+        delta = [math.sqrt(v) for v in flat[: 2 * self.num_layers]]
+        weight = [math.sqrt(v) for v in flat[2 * self.num_layers :]]
+        self._before, self._before_norms, self._before_entries = {}, [], []
         out = {}
         for n in range(self.num_layers):
             for i, (tag, key) in enumerate(UPDATE_FIELDS):
-                value = float(delta[n, i] / weight[n, i]) if weight[n, i] > 0 else math.nan
+                d, w = delta[2 * n + i], weight[2 * n + i]
+                value = d / w if w > 0 else math.nan
                 getattr(self, "record", {}).setdefault(n + 1, {})[key] = value
                 out[f"diag/{tag}/layer_{n + 1:03d}"] = value
         return out

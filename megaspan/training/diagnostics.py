@@ -15,9 +15,35 @@ Every ``logging.diagnostics_interval`` steps, for each (global, 1-based) layer `
                         "curse of depth"; Mix-LN / B2T papers);
 * ``attn_update_ratio``, ``mlp_update_ratio``  ||W_after - W_before|| / ||W_before|| of the layer's
                         attention / MLP weight matrices over the optimizer step;
+* ``attn_max_logit``    max attention logit (q.k x softmax scale, as fed to the softmax) over the
+                        heads and the query/key pairs the mask allows (attention logit growth:
+                        Dehghani et al. 2023, Wortsman et al. 2023);
+* ``attn_entropy``      mean over heads and query positions of the entropy (nats) of the attention
+                        distribution (entropy collapse: Zhai et al. 2023). Both on the local
+                        backend (its ``FusedScaleMaskSoftmax``); null on Transformer Engine,
+                        whose fused attention never materialises the scores;
 * MoE layers: ``moe_tokens_per_expert`` (list: tokens routed to each expert, top-k counted once per
   choice), ``moe_load_cv`` (coefficient of variation of that load: 0 = balanced) and
   ``moe_router_entropy`` (mean entropy, in nats, of softmax(router logits) per token).
+
+Model-level fields (the record's ``"model"`` object; TensorBoard ``diag/<field>``):
+
+* ``lm_head_log_z``     mean over tokens of log Z = logsumexp of the LM head's output logits (over
+                        the padded vocabulary, as the cross entropy sees it); the quantity PaLM's
+                        z-loss (``training.z_loss``) pulls to 0;
+* ``relative_update``   ||f(x; theta_t) - f(x; theta_0)|| / ||f(x; theta_0)||, f = the LM head's
+                        input (the final hidden state, after the final norm where the placement
+                        has one) on a fixed probe micro-batch (the first validation micro-batch of
+                        data-parallel rank 0, run in eval mode), measured after steps 1, 2, 4, 8,
+                        ... and every armed step (DeepNet's "model update", Wang et al. 2022);
+                        needs theta_0, so a run resumed past step 0 has none.
+
+Step 1 is always armed: its ``attn_grad_norm`` / ``mlp_grad_norm`` rows are the gradient profile
+at initialisation (Xiong et al. 2020). ``<run_dir>/summary.json`` gets a ``"diagnostics"`` object
+(:meth:`DiagnosticsHook.summary`): ``init_grad_profile`` ({"attn_grad_norm": [per layer],
+"mlp_grad_norm": [...]}, step 1), ``relative_update`` ({"<step>": value}), and from the last armed
+step ``step``, ``attn_max_logit`` and ``attn_entropy`` (per-layer lists) and ``lm_head_log_z``, plus
+``max_attn_logit`` (the largest over all armed steps and layers).
 
 Activation statistics come from the first micro-batch of the step on data-parallel rank 0 (TP
 rank 0's token shard under sequence parallelism). Parameter statistics (gradient norms, update
@@ -44,8 +70,9 @@ block output (the MLP half's output) for the stream statistics. A hybrid run and
 the same weights write the same rows.
 
 Records go to TensorBoard (``diag/<field>/layer_NNN``) and, one JSON object per armed step, to
-``<run_dir>/diagnostics.jsonl`` (``{"step": s, "layers": {"<l>": {field: value}}}``), the source of
-``megaspan report``'s per-layer profiles.
+``<run_dir>/diagnostics.jsonl`` (``{"step": s, "layers": {"<l>": {field: value}}, "model":
+{"lm_head_log_z": v, "relative_update": v}}``), the source of ``megaspan report``'s per-layer
+profiles. docs/diagnostics.md lists every field.
 """
 
 from __future__ import annotations
@@ -75,6 +102,39 @@ ACT_FIELDS = (
 # Parameter columns (sums of squares; reduced over all ranks with copy weights).
 GRAD_FIELDS = (("grad_attn", "attn_grad_norm"), ("grad_mlp", "mlp_grad_norm"))
 UPDATE_FIELDS = (("update_attn", "attn_update_ratio"), ("update_mlp", "mlp_update_ratio"))
+
+
+# Attention columns per layer: entropy sum, query rows, then per TP rank (its heads): max logit and
+# a flag that the rank saw scores (max over TP in one SUM all-reduce: each rank fills its slot).
+ATTN_FIELDS = (("attn_max_logit", "attn_max_logit"), ("attn_entropy", "attn_entropy"))
+MODEL_FIELDS = ("lm_head_log_z", "relative_update")
+
+
+def _is_core_softmax(module) -> bool:
+    """The local backend's ``FusedScaleMaskSoftmax`` (scores in, probabilities out)."""
+    return type(module).__name__ == "FusedScaleMaskSoftmax"
+
+
+def _output_layers(chunks) -> list:
+    return [
+        m for chunk in chunks for name, m in chunk.named_modules() if name.split(".")[-1] == "output_layer"
+    ]
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of vocab-sharded ``logits`` (a TP rank holds a slice of the
+    vocabulary), differentiable: max-shifted, the shard sums added over the TP group with
+    Megatron's ``reduce_from_tensor_model_parallel_region`` (backward: identity per shard)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    logits = logits.float()
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return torch.logsumexp(logits, dim=-1)
+    m = logits.detach().max(dim=-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    total = reduce_from_tensor_model_parallel_region((logits - m.unsqueeze(-1)).exp().sum(-1))
+    return m + total.log()
 
 
 def _layers(chunks) -> list[NormPlacementTransformerLayer]:
@@ -201,18 +261,34 @@ class LayerDiagnostics:
         self._before_entries: list = []
         self._host: dict[int, torch.Tensor] = {}  # reusable (pinned on CUDA) host buffers
         self.num_experts = 0
+        from megatron.core import parallel_state as ps
+
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self._attn: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._log_z: torch.Tensor | None = None
+        self.probing = False  # a probe forward (eval mode): capture the LM head's input
+        self.probe_out: torch.Tensor | None = None
+        self.model_record: dict[str, float] = {}
         if interval:
+            for module in _output_layers(chunks):
+                module.register_forward_hook(self._output_hook)
             for layer in self.layers:
                 layer.register_forward_hook(self._hook, with_kwargs=True)
                 for module in layer.modules():
                     if _is_moe_router(module):
                         self.num_experts = max(self.num_experts, int(module.weight.shape[0]))
                         module.register_forward_hook(self._router_hook(block_number(layer)))
+                    if _is_core_softmax(module):
+                        module.register_forward_hook(self._softmax_hook(layer, block_number(layer)))
 
     def arm(self, step: int) -> bool:
-        """Record during the step that will be numbered ``step`` (1-based)?"""
-        self.armed = bool(self.interval) and step % self.interval == 0
+        """Record during the step that will be numbered ``step`` (1-based)? Every ``interval``-th
+        step, and step 1 (the gradient profile at initialisation)."""
+        self.armed = bool(self.interval) and (step % self.interval == 0 or step == 1)
         self._acts.clear()
+        self._attn.clear()
+        self._log_z = None
         self._block_in.clear()
         self._moe.clear()
         self._before.clear()
@@ -239,6 +315,33 @@ class LayerDiagnostics:
             self._acts[number] = torch.stack(
                 [h.pow(2).mean().sqrt(), _token_cosine(hidden), angle, h.abs().max()]
             )
+
+    def _softmax_hook(self, layer, number: int):
+        def hook(softmax, args, output) -> None:
+            # ``layer.training``: the probe and evaluation forwards run in eval mode.
+            if not self.armed or not layer.training or number in self._attn or not args:
+                return
+            with torch.no_grad():
+                scale = softmax.scale if softmax.scale is not None else 1.0
+                probs = output.float()  # [b, heads, sq, sk]; exactly 0 where the mask forbids
+                logits = args[0].float() * scale
+                allowed = probs > 0  # the max logit is never underflowed: its prob >= 1/sk
+                top = logits.masked_fill(~allowed, -math.inf).amax()
+                entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [b, heads, sq]
+                self._attn[number] = (entropy.sum(), entropy.numel(), top)
+
+        return hook
+
+    def _output_hook(self, module, args, output) -> None:
+        if self.probing:
+            if self.probe_out is None and args:  # the first micro-batch of the probe
+                self.probe_out = args[0].detach()
+            return
+        if not self.armed or not module.training or self._log_z is not None:
+            return
+        logits = output[0] if isinstance(output, tuple) else output
+        with torch.no_grad():
+            self._log_z = vocab_parallel_logsumexp(logits).mean()
 
     def _router_hook(self, layer_number: int):
         def hook(router, args, output) -> None:
@@ -324,12 +427,32 @@ class LayerDiagnostics:
                 moe[number - 1, : load.numel()] = load.to(device)
                 moe[number - 1, -2] = entropy.to(device, torch.float64)
                 moe[number - 1, -1] = tokens
-        flat = _world_sum(torch.cat([acts.flatten(), grads, moe.flatten()])).tolist()  # the one sync
+        # Attention: [entropy sum, rows, max logit per TP rank..., seen per TP rank...] per layer;
+        # every TP rank of data-parallel rank 0 (each holds its own heads).
+        tp = self.tp_size
+        attn = torch.zeros(self.num_layers, 2 + 2 * tp, dtype=torch.float64, device=device)
+        if ps.get_data_parallel_rank() == 0:
+            for number, (entropy, rows, top) in self._attn.items():
+                attn[number - 1, 0] = entropy.to(device, torch.float64)
+                attn[number - 1, 1] = rows
+                attn[number - 1, 2 + self.tp_rank] = top.to(device, torch.float64)
+                attn[number - 1, 2 + tp + self.tp_rank] = 1.0
+        # Model: [log Z sum, count] from the LM head of TP rank 0, data-parallel rank 0.
+        model = torch.zeros(2, dtype=torch.float64, device=device)
+        if first and self._log_z is not None:
+            model[0], model[1] = self._log_z.to(device, torch.float64), 1.0
+        flat = torch.cat([acts.flatten(), grads, moe.flatten(), attn.flatten(), model])
+        flat = _world_sum(flat).tolist()  # the one sync
         n_act, n_moe = acts.numel(), self.num_experts + 2
         acts = [flat[i * len(ACT_FIELDS) : (i + 1) * len(ACT_FIELDS)] for i in range(self.num_layers)]
         grads = [math.sqrt(v) for v in flat[n_act : n_act + 2 * self.num_layers]]
         base = n_act + 2 * self.num_layers
         moe = [flat[base + i * n_moe : base + (i + 1) * n_moe] for i in range(self.num_layers)]
+        base += self.num_layers * n_moe
+        n_attn = 2 + 2 * tp
+        attn = [flat[base + i * n_attn : base + (i + 1) * n_attn] for i in range(self.num_layers)]
+        log_z_sum, log_z_n = flat[-2:]
+        self.model_record = {"lm_head_log_z": log_z_sum / log_z_n if log_z_n else math.nan}
         self.armed = False
 
         self.record: dict[int, dict[str, object]] = {}
@@ -340,6 +463,10 @@ class LayerDiagnostics:
                 row[key] = acts[n][i]
             for i, (_tag, key) in enumerate(GRAD_FIELDS):
                 row[key] = grads[2 * n + i]
+            a = attn[n]
+            tops = [a[2 + r] for r in range(tp) if a[2 + tp + r] > 0]
+            row["attn_max_logit"] = max(tops) if tops else math.nan
+            row["attn_entropy"] = a[0] / a[1] if a[1] else math.nan
             if self.num_experts and moe[n][-1] > 0:
                 load = moe[n][: self.num_experts]
                 mean = sum(load) / len(load)
@@ -348,11 +475,12 @@ class LayerDiagnostics:
                 row["moe_load_cv"] = std / mean if mean > 0 else math.nan
                 row["moe_router_entropy"] = moe[n][-2] / moe[n][-1]
             self.record[n + 1] = row
-            for tag, key in ACT_FIELDS + GRAD_FIELDS:
+            for tag, key in ACT_FIELDS + GRAD_FIELDS + ATTN_FIELDS:
                 out[f"diag/{tag}/layer_{n + 1:03d}"] = row[key]
             for tag, key in (("moe_load_cv", "moe_load_cv"), ("router_entropy", "moe_router_entropy")):
                 if key in row:
                     out[f"diag/{tag}/layer_{n + 1:03d}"] = row[key]
+        out["diag/lm_head_log_z"] = self.model_record["lm_head_log_z"]
         return out
 
     def snapshot_weights(self) -> None:
@@ -404,20 +532,74 @@ class LayerDiagnostics:
 
 
 class DiagnosticsHook(Hook):
-    """Runs :class:`LayerDiagnostics` every ``interval`` steps: armed before the step's forward,
-    collected after its backward and before the optimizer clips the gradients in place; update
-    ratios after the optimizer step; then one line in ``<run_dir>/diagnostics.jsonl``."""
+    """Runs :class:`LayerDiagnostics` every ``interval`` steps (and at step 1): armed before the
+    step's forward, collected after its backward and before the optimizer clips the gradients in
+    place; update ratios after the optimizer step; then one line in
+    ``<run_dir>/diagnostics.jsonl``. The probe forward for ``relative_update`` runs before step 1
+    (theta_0) and after steps 1, 2, 4, ... and every armed step."""
 
     def __init__(self, interval: int | None) -> None:
         self.interval = interval
         self.diagnostics: LayerDiagnostics | None = None
         self._pending: int | None = None
+        self._probe_base: torch.Tensor | None = None  # f(x; theta_0), on the host (LM-head ranks)
+        self._probed_at_start = False
+        self.summary: dict = {}  # summary.json's "diagnostics" object (see the module doc)
 
     def on_fit_start(self, trainer) -> None:
         self.diagnostics = LayerDiagnostics(
             trainer.objs.chunks, trainer.cfg.model.num_layers, self.interval, model=trainer.objs.model
         )
+        trainer.diagnostics = self.summary
+        self._probed_at_start = trainer.progress.step == 0
+        if self._probed_at_start:
+            out = self._probe(trainer)
+            self._probe_base = None if out is None else out.to("cpu", copy=True)
         self.diagnostics.arm(trainer.progress.step + 1)
+
+    def _probe(self, trainer) -> torch.Tensor | None:
+        """The LM head's input on the probe micro-batch (None on ranks without the LM head)."""
+        diag = self.diagnostics
+        ds = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
+        iterators = trainer.iterators(ds, 0)
+        for chunk in trainer.objs.model:
+            chunk.eval()
+        diag.probing, diag.probe_out = True, None
+        try:
+            with torch.no_grad():
+                trainer.fwd_bwd(
+                    forward_step_func=trainer.step_fn,
+                    data_iterator=iterators,
+                    model=trainer.objs.model,
+                    # One micro-batch (the interleaved schedule needs a multiple of the PP size).
+                    num_microbatches=1 if len(iterators) == 1 else trainer.position.layout.pp,
+                    seq_length=trainer.cfg.model.seq_length,
+                    micro_batch_size=trainer.cfg.training.micro_batch_size,
+                    forward_only=True,
+                )
+        finally:
+            diag.probing = False
+            for it in iterators:
+                getattr(it, "close", lambda: None)()
+            for chunk in trainer.objs.model:
+                chunk.train()
+        return diag.probe_out
+
+    def _relative_update(self, trainer) -> float:
+        """||f_t - f_0|| / ||f_0|| on the probe batch (every rank calls it: one all-reduce)."""
+        from megatron.core import parallel_state as ps
+
+        out = self._probe(trainer)
+        sums = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+        # Data-parallel rank 0's probe; TP ranks hold sequence shards under SP, copies otherwise.
+        sp = trainer.cfg.parallel.sequence_parallel
+        counts = ps.get_data_parallel_rank() == 0 and (sp or ps.get_tensor_model_parallel_rank() == 0)
+        if counts and out is not None and self._probe_base is not None:
+            base = self._probe_base.to(out.device, non_blocking=True).float()
+            sums[0] = (out.float() - base).pow(2).sum()
+            sums[1] = base.pow(2).sum()
+        delta, ref = _world_sum(sums).tolist()
+        return math.sqrt(delta / ref) if ref > 0 else math.nan
 
     def before_optimizer_step(self, trainer, step: int) -> None:
         if self.diagnostics is not None and self.diagnostics.armed:
@@ -428,15 +610,50 @@ class DiagnosticsHook(Hook):
     def on_step_end(self, trainer, result) -> None:
         if self.diagnostics is None:
             return
-        if self._pending is not None:
+        diag, step = self.diagnostics, result.step
+        armed = self._pending is not None
+        if armed:
+            diag.model_record["relative_update"] = math.nan
+        # The same decision on every rank (the probe is collective): theta_0 was probed here.
+        if self._probed_at_start and (armed or step & (step - 1) == 0):  # armed, or a power of 2
+            value = self._relative_update(trainer)
+            diag.model_record["relative_update"] = value
+            if math.isfinite(value):
+                self.summary.setdefault("relative_update", {})[str(step)] = value
+                trainer.log.scalars({"diag/relative_update": value}, step)
+        if armed:
             step, self._pending = self._pending, None
-            trainer.log.scalars(self.diagnostics.update_ratios(trainer.device), step)
+            trainer.log.scalars(diag.update_ratios(trainer.device), step)
+            self._summarise(step, diag.record, diag.model_record)
             if not dist.is_initialized() or dist.get_rank() == 0:
-                write_record(Path(trainer.cfg.training.run_dir), step, self.diagnostics.record)
-        self.diagnostics.arm(result.step + 1)
+                write_record(Path(trainer.cfg.training.run_dir), step, diag.record, diag.model_record)
+        diag.arm(result.step + 1)
+
+    def _summarise(self, step: int, rows: dict[int, dict], model: dict) -> None:
+        layers = sorted(rows)
+
+        def column(key):
+            return [_finite(rows[n].get(key)) for n in layers]
+
+        if step == 1:
+            self.summary["init_grad_profile"] = {k: column(k) for k in ("attn_grad_norm", "mlp_grad_norm")}
+        self.summary["step"] = step
+        self.summary["attn_max_logit"] = column("attn_max_logit")
+        self.summary["attn_entropy"] = column("attn_entropy")
+        self.summary["lm_head_log_z"] = _finite(model.get("lm_head_log_z"))
+        tops = [v for v in column("attn_max_logit") if v is not None]
+        previous = self.summary.get("max_attn_logit")
+        if tops:
+            self.summary["max_attn_logit"] = max(tops + ([previous] if previous is not None else []))
 
 
-def write_record(run_dir: Path, step: int, layers: dict[int, dict[str, object]]) -> None:
+def _finite(value):
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def write_record(
+    run_dir: Path, step: int, layers: dict[int, dict[str, object]], model: dict[str, float] | None = None
+) -> None:
     """Append one line to ``<run_dir>/diagnostics.jsonl`` (NaN written as null: strict JSON)."""
 
     def clean(value):
@@ -450,5 +667,7 @@ def write_record(run_dir: Path, step: int, layers: dict[int, dict[str, object]])
         "step": step,
         "layers": {str(n): {k: clean(v) for k, v in row.items()} for n, row in layers.items()},
     }
+    if model:
+        record["model"] = {k: clean(v) for k, v in model.items()}
     with open(run_dir / JSONL, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -99,7 +99,7 @@ class Trainer:
 
     Public state hooks may read: ``cfg``, ``objs`` (model, optimizer, scheduler), ``progress``,
     ``log``, ``position``, ``val_losses`` (``[(step, loss)]``, appended by the evaluation hook),
-    ``events`` (guard events), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
+    ``events`` (guard events), ``diagnostics`` (mechanism metrics for the summary), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
     loss, during ``before_optimizer_step``).
     """
 
@@ -134,6 +134,7 @@ class Trainer:
         self.stop: StopRequest | None = None
         self.val_losses: list[tuple[int, float]] = []
         self.events: list[dict] = []  # guard events: {"step", "kind", "reason", "action"}
+        self.diagnostics: dict = {}  # summary.json's "diagnostics" (the diagnostics hook fills it)
         self.resolved: dict = {}  # the resolved config, tokenizer hash, world, versions (build_trainer)
         self.pending: StepResult | None = None
         self._skip_reason: str | None = None

@@ -58,7 +58,7 @@ def _step(chunks, layers: int, armed: bool, count_tolist):
     """Forward + backward (+ collect, snapshot, an update, ratios when armed); returns the host
     reads of the diagnostics' part: the hooks inside the forward and the three phases."""
     diag = LayerDiagnostics(chunks, layers, interval=1 if armed else 1000)
-    diag.arm(1)
+    diag.arm(2)  # step 1 is always armed
     model = chunks[0]
     model.train()
     tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -36,7 +36,8 @@ Model-level fields (the record's ``"model"`` object; TensorBoard ``diag/<field>`
                         has one) on a fixed probe micro-batch (the first validation micro-batch of
                         data-parallel rank 0, run in eval mode), measured after steps 1, 2, 4, 8,
                         ... and every armed step (DeepNet's "model update", Wang et al. 2022);
-                        needs theta_0, so a run resumed past step 0 has none.
+                        f(x; theta_0) is kept in ``<run_dir>/diagnostics_probe/`` so a resumed
+                        run continues the curve (null if it resumes into another layout).
 
 Step 1 is always armed: its ``attn_grad_norm`` / ``mlp_grad_norm`` rows are the gradient profile
 at initialisation (Xiong et al. 2020). ``<run_dir>/summary.json`` gets a ``"diagnostics"`` object
@@ -87,9 +88,11 @@ import torch.distributed as dist
 from megaspan.models.hybrid import HybridHalfLayer
 from megaspan.norms.layer import NormPlacementTransformerLayer
 from megaspan.training.hooks import Hook
+from megaspan.training.zloss import output_layers, vocab_parallel_logsumexp
 
 _MAX_TOKENS = 128  # cosine similarity is O(s^2): a sample of positions is enough
 JSONL = "diagnostics.jsonl"
+PROBE_DIR = "diagnostics_probe"  # <run_dir>/diagnostics_probe/rank*.pt: f(x; theta_0) per LM-head rank
 
 # Activation columns (per layer; reduced over the model-parallel group) and their names: TB tag
 # component, JSON key.
@@ -113,28 +116,6 @@ MODEL_FIELDS = ("lm_head_log_z", "relative_update")
 def _is_core_softmax(module) -> bool:
     """The local backend's ``FusedScaleMaskSoftmax`` (scores in, probabilities out)."""
     return type(module).__name__ == "FusedScaleMaskSoftmax"
-
-
-def _output_layers(chunks) -> list:
-    return [
-        m for chunk in chunks for name, m in chunk.named_modules() if name.split(".")[-1] == "output_layer"
-    ]
-
-
-def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dim of vocab-sharded ``logits`` (a TP rank holds a slice of the
-    vocabulary), differentiable: max-shifted, the shard sums added over the TP group with
-    Megatron's ``reduce_from_tensor_model_parallel_region`` (backward: identity per shard)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
-    logits = logits.float()
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return torch.logsumexp(logits, dim=-1)
-    m = logits.detach().max(dim=-1).values
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    total = reduce_from_tensor_model_parallel_region((logits - m.unsqueeze(-1)).exp().sum(-1))
-    return m + total.log()
 
 
 def _layers(chunks) -> list[NormPlacementTransformerLayer]:
@@ -271,7 +252,7 @@ class LayerDiagnostics:
         self.probe_out: torch.Tensor | None = None
         self.model_record: dict[str, float] = {}
         if interval:
-            for module in _output_layers(chunks):
+            for module in output_layers(chunks):
                 module.register_forward_hook(self._output_hook)
             for layer in self.layers:
                 layer.register_forward_hook(self._hook, with_kwargs=True)
@@ -551,10 +532,24 @@ class DiagnosticsHook(Hook):
             trainer.objs.chunks, trainer.cfg.model.num_layers, self.interval, model=trainer.objs.model
         )
         trainer.diagnostics = self.summary
-        self._probed_at_start = trainer.progress.step == 0
-        if self._probed_at_start:
+        # f(x; theta_0) is probed before step 1 and kept in the run dir (one file per LM-head rank),
+        # so that a resumed run (Slurm requeue, resume=auto) continues the same curve.
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        path = Path(trainer.cfg.training.run_dir) / PROBE_DIR / f"rank{rank:05d}.pt"
+        if trainer.progress.step == 0:
             out = self._probe(trainer)
-            self._probe_base = None if out is None else out.to("cpu", copy=True)
+            if out is not None:
+                self._probe_base = out.to("cpu", copy=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(self._probe_base, path)
+            has_lm_head = out is not None
+        else:
+            has_lm_head = bool(output_layers(trainer.objs.chunks))
+            if has_lm_head and path.is_file():
+                self._probe_base = torch.load(path, map_location="cpu", weights_only=True)
+        # The probe is collective: probe later only if every LM-head rank has its theta_0 output.
+        missing = torch.tensor([float(has_lm_head and self._probe_base is None)], device=trainer.device)
+        self._probed_at_start = _world_sum(missing).item() == 0
         self.diagnostics.arm(trainer.progress.step + 1)
 
     def _probe(self, trainer) -> torch.Tensor | None:
@@ -590,16 +585,19 @@ class DiagnosticsHook(Hook):
         from megatron.core import parallel_state as ps
 
         out = self._probe(trainer)
-        sums = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=trainer.device)
         # Data-parallel rank 0's probe; TP ranks hold sequence shards under SP, copies otherwise.
         sp = trainer.cfg.parallel.sequence_parallel
         counts = ps.get_data_parallel_rank() == 0 and (sp or ps.get_tensor_model_parallel_rank() == 0)
         if counts and out is not None and self._probe_base is not None:
-            base = self._probe_base.to(out.device, non_blocking=True).float()
-            sums[0] = (out.float() - base).pow(2).sum()
-            sums[1] = base.pow(2).sum()
-        delta, ref = _world_sum(sums).tolist()
-        return math.sqrt(delta / ref) if ref > 0 else math.nan
+            if out.shape != self._probe_base.shape:  # resumed into another layout: not comparable
+                sums[2] = 1.0
+            else:
+                base = self._probe_base.to(out.device, non_blocking=True).float()
+                sums[0] = (out.float() - base).pow(2).sum()
+                sums[1] = base.pow(2).sum()
+        delta, ref, mismatched = _world_sum(sums).tolist()
+        return math.sqrt(delta / ref) if ref > 0 and not mismatched else math.nan
 
     def before_optimizer_step(self, trainer, step: int) -> None:
         if self.diagnostics is not None and self.diagnostics.armed:

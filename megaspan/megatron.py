@@ -84,7 +84,8 @@ def configure(tconfig, placement) -> None:
     does in :func:`megaspan.models.mcore_config.transformer_config`)."""
     from megatron.core.utils import init_method_normal
 
-    tconfig.qk_layernorm = placement.qkv_norm
+    # Stock Megatron-LM's --qk-layernorm composes with the placement (HybridNorm has it anyway).
+    tconfig.qk_layernorm = placement.qkv_norm or tconfig.qk_layernorm
     if placement.layer_dependent_slots:
         tconfig.hetereogenous_dist_checkpoint = True
     if not placement.scaled_init:

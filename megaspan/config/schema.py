@@ -62,6 +62,11 @@ class ModelConfig:
     """Options of the selected placement (model.norm.<option>; e.g. SpanNorm's span_*, Mix-LN's
     mixln_alpha, DeepNorm's deepnorm_alpha/beta; final_norm for all). The loader turns this
     mapping into that placement's Options dataclass; `megaspan info` lists the options."""
+    qk_layernorm: bool = False
+    """Normalise queries and keys per head before the dot product (QK-norm; Megatron-Core's
+    TransformerConfig.qk_layernorm), for every placement: a stability switch independent of the
+    placement. HybridNorm/HybridNorm* already normalise Q and K (and V): there the flag adds
+    nothing (the same Q/K norms, not a second pair)."""
     init_method_std: Optional[float] = None
     """None = the placement's default (0.02; HybridNorm uses 1/sqrt(2.5*hidden))."""
     hidden_dropout: float = 0.0
@@ -189,6 +194,10 @@ class TrainingConfig:
     """Deterministic kernels (torch.use_deterministic_algorithms) for bitwise-repeatable runs;
     None = on for CPU runs, off on GPU, where it costs speed (the mode is recorded in summary.json)."""
     guard: GuardConfig = field(default_factory=GuardConfig)
+    z_loss: float = 0.0
+    """PaLM's output z-loss coefficient: adds z_loss x log(Z)^2 per token (Z = sum of exp of the
+    LM head's logits) to the training loss, averaged over the loss-masked tokens like the cross
+    entropy; the logged loss stays the cross entropy. 0 = off (PaLM used 1e-4)."""
 
 
 @dataclass(kw_only=True)

@@ -95,7 +95,9 @@ def transformer_config(cfg: MegaspanConfig, placement, cuda: bool | None = None,
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         init_method_std=std,
-        qk_layernorm=placement.qkv_norm,
+        # HybridNorm's Q/K(/V) norms are QK-norm already: the switch composes as OR (the same
+        # norms, never a second pair; specs._attention_spec builds them once).
+        qk_layernorm=placement.qkv_norm or m.qk_layernorm,
         # Parallelism.
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         sequence_parallel=par.sequence_parallel,

@@ -61,7 +61,10 @@ class _Backend:
         self.fuses = self.provider.fuse_layernorm_and_linear()
 
 
-def _attention_spec(backend: _Backend, plan: LayerPlan, fuse_norm: bool) -> ModuleSpec:
+def _attention_spec(backend: _Backend, plan: LayerPlan, fuse_norm: bool, qk_norm: bool = False) -> ModuleSpec:
+    """The attention of one layer: HybridNorm's Q/K/V-norm attention where the placement's plan
+    asks for it, else Megatron's SelfAttention, with per-head Q and K norms when ``qk_norm``
+    (``model.qk_layernorm``, any placement)."""
     p = backend.provider
     linear_qkv = p.column_parallel_layer_norm_linear() if fuse_norm else p.column_parallel_linear()
     common = dict(
@@ -75,6 +78,8 @@ def _attention_spec(backend: _Backend, plan: LayerPlan, fuse_norm: bool) -> Modu
                 **common, q_layernorm=backend.qk_norm, k_layernorm=backend.qk_norm, v_layernorm=HeadNorm
             ),
         )
+    if qk_norm:
+        common.update(q_layernorm=backend.qk_norm, k_layernorm=backend.qk_norm)
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -120,7 +125,9 @@ def layer_spec(
                 keys_map[f"{slot.module}."] = slot.fused_key
     submodules = NormPlacementSubmodules(
         **norms,
-        self_attention=_attention_spec(backend, plan, fused["attention"] and backend.fuses),
+        self_attention=_attention_spec(
+            backend, plan, fused["attention"] and backend.fuses, qk_norm=bool(config.qk_layernorm)
+        ),
         self_attn_bda=get_bias_dropout_add,
         mlp=_mlp_spec(
             backend, is_moe, config.num_moe_experts, config.moe_grouped_gemm, fused["mlp"] and backend.fuses

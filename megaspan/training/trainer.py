@@ -27,6 +27,7 @@ from megaspan.training.checkpoint import Progress, load_checkpoint, new_lineage,
 from megaspan.training.hooks import Hook, Reduced, StepResult, StopRequest, call
 from megaspan.training.metrics import MetricsLogger
 from megaspan.training.setup import TrainingObjects, cuda_free
+from megaspan.training.zloss import ZLoss
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ def checkpoint_dir(cfg: MegaspanConfig) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, z_loss: ZLoss | None = None):
     """Masked token loss, as pretrain_gpt.loss_func: (sum, token count, {name: [sum, count]}).
+
+    With ``z_loss`` (``training.z_loss`` > 0) each token's loss gains coeff x log(Z)^2 before the
+    mask; the reported pair stays the cross entropy's.
 
     The schedule divides the sum by the count and by the number of micro-batches, so the
     gradient is that of the per-micro-batch masked mean; the reported pair lets the logger
@@ -66,17 +70,23 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.float().view(1)])
+    if z_loss is not None:
+        loss = loss + torch.sum(z_loss.per_token().reshape(-1) * mask)
     return loss, num_tokens, {"lm loss": report}
 
 
-def forward_step(use_attention_mask: bool, data_iterator: Iterator[Batch], model):
+def forward_step(
+    use_attention_mask: bool, data_iterator: Iterator[Batch], model, z_loss: ZLoss | None = None
+):
     """One micro-batch through one model chunk (Megatron's forward_step_func contract)."""
     batch = next(data_iterator)
+    if z_loss is not None:
+        z_loss.start()
     # GPTDataset's mask is the plain causal one unless documents are masked from each other;
     # passing None lets attention use its causal kernel.
     mask = batch.get("attention_mask") if use_attention_mask else None
     output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], z_loss=z_loss)
 
 
 def _reduce_reported(
@@ -99,7 +109,7 @@ class Trainer:
 
     Public state hooks may read: ``cfg``, ``objs`` (model, optimizer, scheduler), ``progress``,
     ``log``, ``position``, ``val_losses`` (``[(step, loss)]``, appended by the evaluation hook),
-    ``events`` (guard events), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
+    ``events`` (guard events), ``diagnostics`` (mechanism metrics for the summary), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
     loss, during ``before_optimizer_step``).
     """
 
@@ -132,11 +142,14 @@ class Trainer:
         self.lineage = new_lineage()
         self._lock = run_dir_lock
         self.fwd_bwd = get_forward_backward_func()
-        self.step_fn = partial(forward_step, cfg.data.reset_attention_mask)
+        z = cfg.training.z_loss
+        self.z_loss = ZLoss(objs.chunks, z) if z else None
+        self.step_fn = partial(forward_step, cfg.data.reset_attention_mask, z_loss=self.z_loss)
         self.progress = progress
         self.stop: StopRequest | None = None
         self.val_losses: list[tuple[int, float]] = []
         self.events: list[dict] = []  # guard events: {"step", "kind", "reason", "action"}
+        self.diagnostics: dict = {}  # summary.json's "diagnostics" (the diagnostics hook fills it)
         self.resolved: dict = {}  # the resolved config, tokenizer hash, world, versions (build_trainer)
         self.pending: StepResult | None = None
         self._skip_reason: str | None = None

@@ -156,6 +156,14 @@ def _records(run_dir: str) -> dict[int, dict]:
     return {r["step"]: {int(n): row for n, row in r["layers"].items()} for r in records}
 
 
+def _model_records(run_dir: str) -> dict[int, dict]:
+    """step -> the record's model-level fields (lm_head_log_z, relative_update)."""
+    path = Path(run_dir) / JSONL
+    if not path.exists():
+        return {}
+    return {r["step"]: r.get("model", {}) for r in map(json.loads, path.read_text().splitlines())}
+
+
 def _fit(cfg, hooks) -> None:
     from tests.distributed import layout_workers as lw
 
@@ -179,7 +187,7 @@ def reference_diagnostics(rank, world_size, base: str, models) -> dict:
         direct = DirectStats()
         out_dir = f"{base}/ref-{name}"
         _fit(layout_cfg(name == "moe", "tp1", out_dir, "none"), [direct])
-        out[name] = dict(direct=direct.rows, diagnostics=_records(out_dir))
+        out[name] = dict(direct=direct.rows, diagnostics=_records(out_dir), model=_model_records(out_dir))
     return out
 
 
@@ -194,5 +202,5 @@ def layout_diagnostics(rank, world_size, base: str, cases) -> dict:
         out_dir = f"{base}/{layout}-{name}-{len(extra)}"
         resume = f"{base}/ref-{name}/step_0000000"
         _fit(layout_cfg(name == "moe", layout, out_dir, resume, tuple(extra)), [])
-        out[(layout, name, tuple(extra))] = _records(out_dir)
+        out[(layout, name, tuple(extra))] = (_records(out_dir), _model_records(out_dir))
     return out

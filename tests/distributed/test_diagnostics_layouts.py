@@ -12,6 +12,11 @@ What each layout checks (SpanNorm, 4 layers, 2 steps; see diag_workers for the s
   ``main_grad`` is reduced only inside its own shard of each bucket (elsewhere it holds local
   partial sums), so the gradient norm must come from the shards; the overlapped param gather
   leaves non-own shards stale until the next forward, so the update ratio must too.
+* ``tp2`` and ``tp2-sp``: the mechanism metrics (attention max logit / entropy with the heads split
+  over the TP ranks, the LM head's vocab-parallel log Z, the relative update on sequence shards
+  under SP) equal the one-process diagnostics' (themselves pinned to tests/unit/reference.py in
+  tests/unit/test_diagnostics_mechanism.py). Only layouts with one data-parallel replica: these
+  come from data-parallel rank 0's first micro-batch, which is the reference's only there.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ CASES = (
     ("dp2-distopt", "dense", ()),
     ("dp2-distopt", "dense", OVERLAP),
     ("dp2-ep2-distopt", "moe", ()),
+    ("tp2", "dense", ()),
 )
+MECH_FIELDS = ("attn_max_logit", "attn_entropy")
+MODEL_FIELDS = ("lm_head_log_z", "relative_update")
 PARAM_FIELDS = ("attn_grad_norm", "mlp_grad_norm", "attn_update_ratio", "mlp_update_ratio")
 MOE_FIELDS = ("moe_load_cv", "moe_router_entropy")
 REL = 1e-4  # the layouts' losses match one process to ~1e-6; a miscount is a factor of ~2
@@ -62,4 +70,22 @@ def test_layouts_match_direct_one_process_computation(tmp_path):
         _check(ref[name]["diagnostics"], direct, ("tp1", name))
     runs = run_distributed(dw.layout_diagnostics, 2, str(tmp_path), CASES, timeout=900)
     for layout, name, extra in CASES:
-        _check(runs[0][(layout, name, extra)], ref[name]["direct"], (layout, name, extra))
+        rows, model = runs[0][(layout, name, extra)]
+        _check(rows, ref[name]["direct"], (layout, name, extra))
+        if not layout.startswith("tp2"):
+            continue
+        one = ref[name]["diagnostics"]
+        for step in one:
+            for key in MODEL_FIELDS:
+                want = ref[name]["model"][step][key]
+                assert want is not None and model[step][key] == pytest.approx(want, rel=REL), (
+                    layout,
+                    step,
+                    key,
+                )
+            for layer, row in one[step].items():
+                for key in MECH_FIELDS:
+                    where = (layout, name, step, layer, key)
+                    assert row[key] is not None and rows[step][layer][key] == pytest.approx(
+                        row[key], rel=REL
+                    ), where

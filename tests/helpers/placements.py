@@ -37,7 +37,7 @@ def assert_matches_reference(cfg, decoder) -> None:
     x, probe, params, out, grads = run(decoder)
     m = cfg.model
     ref = reference.stack(
-        m.norm_placement, decoder, x, NUM_LAYERS, m.normalization, m.layernorm_epsilon, m.norm
+        m.norm_placement, decoder, x, NUM_LAYERS, m.normalization, m.layernorm_epsilon, m.norm, m.qk_layernorm
     )
     ref_grads = _grads(ref, [x, *params], probe)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -40,7 +40,9 @@ def run_step(placement, armed_step=10, interval=5, extra=(), moe=False, capture=
 
 def test_keys_and_grad_norms(mcore):
     values, _ = run_step("pre")
-    assert len(values) == 6 * L  # rms, token_cos, angular_distance, max_abs, grad_attn, grad_mlp
+    # rms, token_cos, angular_distance, max_abs, grad_attn, grad_mlp, attn_max_logit, attn_entropy
+    # per layer, and the model's lm_head_log_z
+    assert len(values) == 8 * L + 1
     for layer in range(1, L + 1):
         assert values[f"diag/grad_attn/layer_{layer:03d}"] > 0
         assert values[f"diag/grad_mlp/layer_{layer:03d}"] > 0

@@ -112,6 +112,21 @@ def test_pretrain_gpt_spec_equals_megaspan(mcore, placement):
     assert model_config.transformer.hetereogenous_dist_checkpoint == built.layer_dependent_slots
 
 
+@pytest.mark.parametrize("placement", ["pre", "spannorm", "hybridnorm"])
+def test_pretrain_gpt_keeps_qk_layernorm(mcore, placement):
+    """Megatron-LM's --qk-layernorm composes with every placement as megaspan's
+    model.qk_layernorm does (HybridNorm: the same Q/K norms, not a second pair)."""
+    cfg = tiny_cfg(placement, extra=(*STD, "model.qk_layernorm=true"))
+    fresh_model_parallel(seed=1234)
+    ours = build_model(cfg, VOCAB).chunks[0]
+    fresh_model_parallel(seed=1234)
+    model_config = GPTModelConfig(_megatron_lm_transformer_config(cfg))
+    assert model_config.transformer.qk_layernorm  # what --qk-layernorm gives
+    theirs = _gpt_builder(model_config, placement)
+    assert _same(ours, theirs) and any("q_layernorm" in k for k in ours.state_dict())
+    assert torch.equal(_loss(ours), _loss(theirs))
+
+
 @pytest.mark.parametrize("placement", ["spannorm", "mixln", "deepnorm", "hybridnorm_star"])
 def test_pretrain_hybrid_spec_equals_megaspan(mcore, placement):
     from megatron.core.models.hybrid.hybrid_model import HybridModel

@@ -4,7 +4,11 @@ and on an error. Schema (one object)::
     {"status": "completed|diverged|preempted|failed", "steps": int, "tokens": int,
      "wall_time_s": float, "tokens_per_s": float, "final_train_loss": float|null,
      "final_val_loss": float|null, "best_val_loss": float|null, "loss_spikes": int,
-     "guard_events": [{"step", "kind", "reason", "action"}], "config": {...}, "versions": {...}}
+     "guard_events": [{"step", "kind", "reason", "action"}], "diagnostics": {...}|null,
+     "config": {...}, "versions": {...}}
+
+``diagnostics``: the mechanism metrics of :class:`megaspan.training.diagnostics.DiagnosticsHook`
+(null without ``logging.diagnostics_interval``).
 
 ``final_train_loss`` is the mean of the last ``window`` step losses (steps whose update was
 dropped left out); ``loss_spikes`` counts steps
@@ -32,6 +36,19 @@ SUMMARY_FILE = "summary.json"
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None  # JSON has no NaN
+
+
+def _merged(previous: dict | None, now: dict | None) -> dict | None:
+    """The diagnostics summary across resumes: this session's values win, the earlier sessions'
+    keys (the step-1 gradient profile, earlier relative updates) are kept."""
+    if not previous and not now:
+        return None
+    out = dict(previous or {})
+    for key, value in (now or {}).items():
+        out[key] = (
+            {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 class SummaryHook(Hook):
@@ -107,6 +124,7 @@ class SummaryHook(Hook):
             "best_val_loss": min(best) if best else None,
             "loss_spikes": self.spike_count,
             "guard_events": self.previous.get("guard_events", []) + trainer.events,
+            "diagnostics": _merged(self.previous.get("diagnostics"), getattr(trainer, "diagnostics", None)),
             "config": self.config,
             "versions": self.versions,
         }

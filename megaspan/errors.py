@@ -42,12 +42,18 @@ class RunDirError(UserError):
     """The run directory (or another output path) cannot be used: not writable, full, locked."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C whose meaning has already been printed (the second one during a run): the
+    command line exits 130 without another line."""
+
+
 __all__ = [
     "EXIT_USAGE",
     "BackendError",
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "Interrupted",
     "RunDirError",
     "UserError",
 ]

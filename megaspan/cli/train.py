@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="validate and print the resolved config, then exit without training",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fast_exit=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,4 +51,4 @@ def run(args: argparse.Namespace) -> int:
     from megaspan.training.build import train
 
     setup_cpu()  # Megatron-Core's CUDA sites emulated on a CPU-only machine; a no-op with CUDA
-    return train(cfg)
+    return train(cfg, exiting=getattr(args, "exiting", False))

@@ -21,6 +21,7 @@ from megaspan.config.derived import decay_steps, ffn_hidden_size
 from megaspan.config.fp8 import check_fp8_shapes
 from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import norm_options
+from megaspan.config.ranges import check_ranges
 from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import BackendError, ConfigError
 
@@ -439,6 +440,7 @@ def check_gpu_only_features(cfg: MegaspanConfig, caps: Capabilities) -> None:
 
 _CONFIG_CHECKS: tuple[Callable[[MegaspanConfig], None], ...] = (
     check_placement,
+    check_ranges,
     check_sizes,
     check_attention_and_tp,
     check_parallel_options,

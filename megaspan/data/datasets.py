@@ -93,6 +93,8 @@ def build_datasets(
             raise DataError("data.weights is set but data.paths is empty; give one path per weight")
         prefixes = rank_zero_first(lambda: preprocess_stdlib(tokenizer, cache))
         split_source = {"blend_per_split": [([prefixes["train"]], None), ([prefixes["valid"]], None), None]}
+    train_prefixes = data_cfg.paths or [prefixes["train"]]
+    _check_index_size([index_stats(str(p))[:2] for p in train_prefixes], num_samples[0], seq_length)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -109,6 +111,37 @@ def build_datasets(
             GPTDataset, list(num_samples), is_built_on_rank, config
         ).build()
     return train, valid, test
+
+
+MAX_EPOCHS = 1_000_000
+"""Megatron counts epochs one by one in Python (``GPTDataset._get_num_epochs``) and then builds
+an index of every document of every epoch: ``training.steps=10**15`` hung there silently."""
+INDEX_BYTES_PER_SAMPLE = 24  # sample index (2 x int64) + shuffle index (int64)
+INDEX_BYTES_PER_DOCUMENT = 4  # document index, once per document per epoch (int32)
+
+
+def _check_index_size(stats: Sequence[tuple[int, int]], num_samples: int | None, seq_length: int) -> None:
+    """Refuse a sample count whose Megatron index could not be built in this machine's memory.
+
+    ``stats`` are (documents, tokens) of the datasets the training split draws from (all of
+    each, so the estimate is a lower bound).
+    """
+    import os
+
+    documents, tokens = sum(d for d, _ in stats), sum(t for _, t in stats)
+    if not num_samples or not tokens:
+        return
+    needed = num_samples * seq_length
+    epochs = -(-needed // tokens)
+    index = num_samples * INDEX_BYTES_PER_SAMPLE + epochs * documents * INDEX_BYTES_PER_DOCUMENT
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if epochs > MAX_EPOCHS or index > memory // 2:
+        raise DataError(
+            f"training.steps x global_batch_size = {num_samples} samples of {seq_length} tokens is {epochs} "
+            f"epochs of the {tokens}-token training data; its sample index would take "
+            f"{index / 2**30:.1f} GiB (this machine has {memory / 2**30:.0f} GiB){' and more than ' + str(MAX_EPOCHS) + ' epochs' if epochs > MAX_EPOCHS else ''}: "
+            "lower training.steps or add data"
+        )
 
 
 @contextlib.contextmanager

@@ -363,8 +363,12 @@ def _log_header(trainer: Trainer, data: Data, total_params: int) -> None:
     )
 
 
-def train(cfg: MegaspanConfig) -> int:
-    """Run (or resume) the training job described by ``cfg``; returns the exit code."""
+def train(cfg: MegaspanConfig, *, exiting: bool = False) -> int:
+    """Run (or resume) the training job described by ``cfg``; returns the exit code.
+
+    ``exiting``: the process ends right after (the ``megaspan`` command): the signal handlers are
+    not restored but :meth:`PreemptionFlag.finish`-ed, so a SIGTERM during teardown cannot
+    replace the run's exit code with -15."""
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
     # Installed first: Slurm's SIGUSR1 warning may arrive during start-up, and its default
@@ -398,10 +402,16 @@ def train(cfg: MegaspanConfig) -> int:
         finally:
             trainer.close()
     finally:
-        destroy_num_microbatches_calculator()
-        if owns_world:
-            runtime.destroy()
-        else:
-            runtime.destroy_model_parallel()
-        if preempt is not None:
+        if exiting and preempt is not None:
+            preempt.finish()
+        if not exiting:
+            # An exiting process skips this: the groups die with it (megaspan.cli.exit_now), and
+            # the teardown (a full gc pass over the model graph) was half a second after the last
+            # line. The barrier above already let every peer finish its last collective.
+            destroy_num_microbatches_calculator()
+            if owns_world:
+                runtime.destroy()
+            else:
+                runtime.destroy_model_parallel()
+        if preempt is not None and not exiting:
             preempt.restore()

@@ -12,7 +12,7 @@ interrupted system calls are retried (PEP 475). The save finishes, then the loop
 | signal | effect |
 | --- | --- |
 | SIGTERM, SIGUSR1 | checkpoint at the step boundary, exit 0 (``exit_code``) |
-| SIGINT (Ctrl-C) | first: like SIGTERM but exit 130; second: abort at once (KeyboardInterrupt) |
+| SIGINT (Ctrl-C) | first: like SIGTERM but exit 130; second: abort at once (KeyboardInterrupt, exit 130) |
 | SIGHUP, SIGQUIT, SIGKILL | not handled: the process dies; resume from the last periodic save |
 
 SIGINT inherited as *ignored* (a job started with ``&`` from a non-interactive script, which is
@@ -21,6 +21,10 @@ process is then either a user's Ctrl-C or an explicit ``kill -INT``, and the res
 checkpoint and a clean stop, which loses nothing; keeping it ignored would make ``kill -INT``
 silently do nothing and train on. ``training.exit_on_signal=false`` leaves every disposition as
 inherited.
+
+After the run (:meth:`PreemptionFlag.finish`, the ``megaspan`` process about to exit), SIGTERM and
+SIGUSR1 are ignored: the exit code is decided and the checkpoint written, and a scheduler's
+SIGTERM during teardown made a completed run exit -15.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from types import FrameType
 
 import torch
 import torch.distributed as dist
+
+from megaspan.errors import Interrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGUSR1: 0, signal.SIGINT: 130}
@@ -43,6 +49,8 @@ class PreemptionFlag:
         self.signum: int | None = None
         self._agreed_code: int | None = None
         self._previous: dict[int, object] = {}
+        self.saved_step: int | None = None
+        """Set once the stop checkpoint is written: a second Ctrl-C then loses nothing."""
 
     def install(self) -> None:
         for signum in SIGNALS:
@@ -53,11 +61,24 @@ class PreemptionFlag:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def finish(self) -> None:
+        """The run is over and the process exits next: SIGTERM/SIGUSR1 no longer change anything
+        (ignored, so teardown ends with the run's own exit code); Ctrl-C still aborts (exit 130)."""
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        self._previous.clear()
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum is not None:
-            # The second Ctrl-C: the user does not want to wait for the checkpoint.
-            print("megaspan: interrupted again: aborting without a checkpoint", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
+            # The second Ctrl-C: the user does not want to wait (main() turns this into exit 130).
+            if self.saved_step is not None:
+                what = (
+                    f"the checkpoint of step {self.saved_step} is saved; exiting without waiting for teardown"
+                )
+            else:
+                what = "aborting without a checkpoint (the last saved one is intact)"
+            print(f"megaspan: interrupted again: {what}", file=sys.stderr, flush=True)
+            raise Interrupted
         if self.signum is None:  # the first signal decides the exit code
             self.signum = signum
 

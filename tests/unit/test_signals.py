@@ -66,3 +66,40 @@ def test_sigint_inherited_as_ignored_is_handled_anyway():
         f.restore()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restore gives back what was there
         signal.signal(signal.SIGINT, previous)
+
+
+def test_second_ctrl_c_after_the_save_says_so(flag, capsys):
+    from megaspan.errors import Interrupted
+
+    os.kill(os.getpid(), signal.SIGINT)
+    flag.saved_step = 7
+    with pytest.raises(Interrupted):
+        os.kill(os.getpid(), signal.SIGINT)
+    err = capsys.readouterr().err
+    assert "checkpoint of step 7 is saved" in err and "without a checkpoint" not in err
+
+
+def test_finish_ignores_sigterm_and_sigusr1():
+    """After the run, a scheduler's SIGTERM must not turn the decided exit code into -15."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    f = PreemptionFlag()
+    try:
+        f.install()
+        f.finish()
+        os.kill(os.getpid(), signal.SIGTERM)  # default action would kill this test process
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert f.signum is None
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_ctrl_c_reaching_main_exits_130_without_traceback(monkeypatch, capsys):
+    from megaspan.cli import info, main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "megaspan: interrupted"

@@ -33,9 +33,15 @@ class PreemptionHook(Hook):
 
     def on_fit_end(self, trainer) -> None:
         stop = trainer.stop
+        if stop is None and dist.get_rank() == 0:
+            # A completed run is no longer preempted (the marker of an earlier stop would make the
+            # sweep runner report it as preempted and run it again).
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if stop is None or stop.status != "preempted":
             return
         step = trainer.progress.step
+        if stop.checkpoint:
+            self.flag.saved_step = step  # the checkpoint hook ran before this one
         trainer.log.info(
             f"stopping on {self._name()} at step {step}: checkpoint saved, exiting {stop.exit_code}"
         )

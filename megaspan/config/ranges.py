@@ -150,6 +150,7 @@ RANGES: dict[str, Range] = {
     "training.micro_batch_size": SIZE,
     "training.global_batch_size": SIZE,
     "training.seed": Range(lo=0, hi=SEED_MAX, fix="numpy's seed range"),
+    "training.z_loss": _at_least(0.0, "0 turns it off; PaLM used 1e-4"),
     "training.eval_interval": SIZE,
     "training.eval_steps": SIZE,
     "training.guard.spike_factor": Range(

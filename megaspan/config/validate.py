@@ -13,7 +13,6 @@ unknown": the checks that depend on it (TE, CUDA, FP8) are skipped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from megaspan.config.capabilities import Capabilities
@@ -306,12 +305,6 @@ def check_schedule(cfg: MegaspanConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
-def check_stability_switches(cfg: MegaspanConfig) -> None:
-    z = cfg.training.z_loss
-    if not isinstance(z, (int, float)) or isinstance(z, bool) or not math.isfinite(z) or z < 0:
-        raise ConfigError(f"training.z_loss must be a finite number >= 0 (0 = off; PaLM used 1e-4), got {z}")
-
-
 def check_checkpoint(cfg: MegaspanConfig) -> None:
     if not cfg.checkpoint.load_optimizer and cfg.checkpoint.resume in ("auto", "none"):
         # With 'auto', every restart of the new run would drop its own optimizer state again.
@@ -449,7 +442,6 @@ _CONFIG_CHECKS: tuple[Callable[[MegaspanConfig], None], ...] = (
     check_positions,
     check_pipeline,
     check_checkpoint,
-    check_stability_switches,
     check_schedule,
     check_fp8_shapes,
 )

@@ -59,9 +59,9 @@ def test_fp8_without_te():
         (["parallel.context_parallel_size=2"], "context_parallel_size"),
         (["parallel.pipeline_model_parallel_size=3"], "pipeline stages"),
         (["model.seq_length=512", "model.max_position_embeddings=256"], "max_position_embeddings"),
-        (["training.z_loss=-1e-4"], "training.z_loss must be a finite number >= 0"),
-        (["training.z_loss=nan"], "training.z_loss must be a finite number >= 0"),
-        (["training.z_loss=inf"], "training.z_loss must be a finite number >= 0"),
+        (["training.z_loss=-1e-4"], "training.z_loss must be"),
+        (["training.z_loss=nan"], "training.z_loss must be"),
+        (["training.z_loss=inf"], "training.z_loss must be"),
     ],
 )
 def test_one_line_config_errors(overrides, needle):

@@ -83,8 +83,8 @@ def poison(monkeypatch):
     hook = Poison({})
     real = trainer_module.loss_func
 
-    def poisoned(mask, output):
-        loss, tokens, report = real(mask, output)
+    def poisoned(mask, output, *args, **kwargs):
+        loss, tokens, report = real(mask, output, *args, **kwargs)
         f = hook.factor
         if f == NAN_GRAD:
             return _NanGrad.apply(loss), tokens, report

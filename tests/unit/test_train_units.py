@@ -53,11 +53,12 @@ def test_checkpoint_name_is_zero_padded() -> None:
     assert checkpoint_name(7) == "step_0000007"
 
 
-def test_latest_pointer_is_used_when_valid(tmp_path: Path) -> None:
+def test_latest_pointer_is_used_when_nothing_newer_is_valid(tmp_path: Path) -> None:
     _fake_checkpoint(tmp_path, 10)
     _fake_checkpoint(tmp_path, 20)
-    (tmp_path / LATEST_FILE).write_text(checkpoint_name(10) + "\n")
-    assert find_latest_valid(tmp_path) == tmp_path / checkpoint_name(10)
+    _fake_checkpoint(tmp_path, 30, committed=False)  # an interrupted save after `latest`
+    (tmp_path / LATEST_FILE).write_text(checkpoint_name(20) + "\n")
+    assert find_latest_valid(tmp_path) == tmp_path / checkpoint_name(20)
 
 
 def test_broken_latest_falls_back_to_previous_valid(tmp_path: Path) -> None:

@@ -304,12 +304,16 @@ class LayerDiagnostics:
                 return
             with torch.no_grad():
                 scale = softmax.scale if softmax.scale is not None else 1.0
-                probs = output.float()  # [b, heads, sq, sk]; exactly 0 where the mask forbids
-                logits = args[0].float() * scale
-                allowed = probs > 0  # the max logit is never underflowed: its prob >= 1/sk
-                top = logits.masked_fill(~allowed, -math.inf).amax()
-                entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [b, heads, sq]
-                self._attn[number] = (entropy.sum(), entropy.numel(), top)
+                b, heads, sq, _ = output.shape  # scores in, probabilities out: [b, heads, sq, sk]
+                top = torch.full((), -math.inf, device=output.device)
+                entropy = torch.zeros((), device=output.device)
+                for h in range(heads):  # one head at a time: fp32 temporaries of [b, sq, sk] only
+                    probs = output[:, h].float()  # exactly 0 where the mask forbids
+                    logits = args[0][:, h].float() * scale
+                    # The max logit is never an underflowed one: its probability is >= 1/sk.
+                    top = torch.maximum(top, logits.masked_fill(probs <= 0, -math.inf).amax())
+                    entropy = entropy - torch.special.xlogy(probs, probs).sum()
+                self._attn[number] = (entropy, b * heads * sq, top)
 
         return hook
 
@@ -379,8 +383,12 @@ class LayerDiagnostics:
         norm^2 / sharers, without leaving the device."""
         table = torch.zeros(self.num_layers * 2, dtype=torch.float64, device=device)
         if entries:
-            index = torch.tensor([e[0] for e in entries], device=device)
-            weight = torch.tensor([1.0 / e[1] for e in entries], dtype=torch.float64, device=device)
+            # Built on the host, sent without waiting (a blocking host-to-device copy would
+            # synchronise the stream: the sync this code exists to avoid).
+            index = torch.tensor([e[0] for e in entries]).to(device, non_blocking=True)
+            weight = torch.tensor([1.0 / e[1] for e in entries], dtype=torch.float64).to(
+                device, non_blocking=True
+            )
             sq = torch.stack([n.to(device) for n in norms]).double().pow(2)
             table.index_add_(0, index, sq * weight)
         return table

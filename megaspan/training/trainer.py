@@ -86,6 +86,8 @@ def forward_step(
     # passing None lets attention use its causal kernel.
     mask = batch.get("attention_mask") if use_attention_mask else None
     output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+    if z_loss is None:  # the two-argument loss function of pretrain_gpt
+        return output, partial(loss_func, batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"], z_loss=z_loss)
 
 

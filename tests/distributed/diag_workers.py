@@ -68,7 +68,9 @@ GLOBAL = 4
 def layout_cfg(moe: bool, layout: str, out_dir: str, resume: str, extra: tuple[str, ...] = ()):
     from tests.distributed import layout_workers as lw
 
-    dp = 1 if layout.startswith(("tp1", "tp2")) else 2  # world 1, or 2 ranks of one replica
+    dp = 1 if layout.startswith(("tp1", "tp2", "pp2")) else 2  # world 1, or 2 ranks of one replica
+    # The interleaved schedule needs micro-batches in multiples of PP: two of 2 sequences.
+    micro = GLOBAL // 2 if "vpp" in layout else GLOBAL // dp
     return lw.layout_config(
         "spannorm",
         moe,
@@ -78,7 +80,7 @@ def layout_cfg(moe: bool, layout: str, out_dir: str, resume: str, extra: tuple[s
         resume=resume,
         extra=(
             f"training.global_batch_size={GLOBAL}",
-            f"training.micro_batch_size={GLOBAL // dp}",
+            f"training.micro_batch_size={micro}",
             "logging.diagnostics_interval=1",
             # The load-balancing loss depends on how tokens split into micro-batches.
             "model.moe.aux_loss_coeff=0",

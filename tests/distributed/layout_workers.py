@@ -71,10 +71,14 @@ class Case:
     save: bool = False  # save the full state after the last step (for the resharding tests)
     steps: int = STEPS
     state: bool = False  # also return training_state() at the end (EP=1, no distributed optimizer)
+    extra: tuple[str, ...] = ()  # more config overrides (e.g. the stability switches)
+    tag: str = ""  # names the extra overrides in the case name
 
     @property
     def name(self) -> str:
-        return f"{self.placement}-{'moe' if self.moe else 'dense'}-{self.layout}"
+        return f"{self.placement}-{'moe' if self.moe else 'dense'}-{self.layout}" + (
+            f"-{self.tag}" if self.tag else ""
+        )
 
 
 def layout_config(
@@ -232,6 +236,7 @@ def run_case(case: Case) -> dict:
         steps=case.steps,
         resume=case.init or "none",
         save_at_end=case.save,
+        extra=case.extra,
     )
     recorder = LossRecorder()
     trainer = _trainer(cfg, recorder)  # loads ``case.init`` weights-only

@@ -12,7 +12,9 @@ What each layout checks (SpanNorm, 4 layers, 2 steps; see diag_workers for the s
   ``main_grad`` is reduced only inside its own shard of each bucket (elsewhere it holds local
   partial sums), so the gradient norm must come from the shards; the overlapped param gather
   leaves non-own shards stale until the next forward, so the update ratio must too.
-* ``tp2`` and ``tp2-sp``: the mechanism metrics (attention max logit / entropy with the heads split
+* ``pp2`` and ``pp2-vpp2``: the stages' rows meet at global layer numbers; the probe forward for
+  the relative update runs through the (interleaved) pipeline schedule.
+* ``tp2``, ``tp2-sp`` and ``pp2``: the mechanism metrics (attention max logit / entropy with the heads split
   over the TP ranks, the LM head's vocab-parallel log Z, the relative update on sequence shards
   under SP) equal the one-process diagnostics' (themselves pinned to tests/unit/reference.py in
   tests/unit/test_diagnostics_mechanism.py). Only layouts with one data-parallel replica: these
@@ -36,6 +38,8 @@ CASES = (
     ("dp2-distopt", "dense", OVERLAP),
     ("dp2-ep2-distopt", "moe", ()),
     ("tp2", "dense", ()),
+    ("pp2", "dense", ()),
+    ("pp2-vpp2", "dense", ()),
 )
 MECH_FIELDS = ("attn_max_logit", "attn_entropy")
 MODEL_FIELDS = ("lm_head_log_z", "relative_update")
@@ -72,7 +76,10 @@ def test_layouts_match_direct_one_process_computation(tmp_path):
     for layout, name, extra in CASES:
         rows, model = runs[0][(layout, name, extra)]
         _check(rows, ref[name]["direct"], (layout, name, extra))
-        if not layout.startswith("tp2"):
+        assert all(m["relative_update"] is not None and m["relative_update"] > 0 for m in model.values()), (
+            layout
+        )
+        if not layout.startswith(("tp2", "pp2")) or "vpp" in layout:  # vpp: micro-batches of 2, not 4
             continue
         one = ref[name]["diagnostics"]
         for step in one:

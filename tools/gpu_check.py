@@ -84,6 +84,11 @@ TEST_GROUPS: tuple[TestGroup, ...] = (
         "every placement (and MoE) trains on CUDA, local backend, bf16",
     ),
     TestGroup(
+        "diagnostics-on-cuda",
+        r"test_gpu_diagnostics\.py::",
+        "diagnostics on CUDA (bf16 snapshot in pinned host memory) and qk_layernorm + z-loss train",
+    ),
+    TestGroup(
         "te-local-checkpoint",
         r"test_te_backend\.py::test_te_checkpoint_interchangeable_with_local\[",
         "a local-backend checkpoint loads into TE: same logits at TF32 precision",

@@ -627,6 +627,7 @@ def save_checkpoint(
     *,
     tokenizer_hash: str | None = None,
     lineage: str | None = None,
+    data_identity: dict[str, Any] | None = None,
 ) -> Path:
     """Save and commit a checkpoint of ``progress.step`` (collective: call on every rank).
 
@@ -635,7 +636,9 @@ def save_checkpoint(
     when the filesystem refuses the write (full, read-only, permissions): the partial
     ``tmp-step_N`` is removed and earlier checkpoints are untouched. ``tokenizer_hash``
     (:func:`megaspan.data.tokenizer.tokenizer_hash`) is recorded so that a resume with another
-    tokenizer can be refused.
+    tokenizer can be refused; ``data_identity``
+    (:func:`megaspan.data.datasets.dataset_identity`: prefixes, sizes, ``.idx`` hashes, blend) so
+    that a resume on other data can be.
 
     ``lineage`` names the run the checkpoint belongs to (:func:`new_lineage` at a fresh start,
     the resumed checkpoint's :attr:`Resumed.lineage` after a resume; rank 0's value is the one
@@ -689,6 +692,7 @@ def save_checkpoint(
                     tokenizer_hash,
                     diverged,
                     lineage,
+                    data_identity,
                 )
                 if not diverged:
                     prune(ckpt_dir, keep_last, keep=final, lineage=lineage)
@@ -722,9 +726,11 @@ def _commit(
     tokenizer_hash: str | None,
     diverged: bool,
     lineage: str,
+    data_identity: dict[str, Any] | None,
 ) -> None:
     meta = {
         "lineage": lineage,
+        "data": data_identity,
         "step": progress.step,
         "consumed_samples": progress.consumed_samples,
         "world_size": _world(),
@@ -897,6 +903,29 @@ def check_tokenizer(path: Path, meta: dict[str, Any], expected_tokenizer_hash: s
         )
 
 
+def check_data(
+    path: Path, meta: dict[str, Any], expected: dict[str, Any] | None, allow_change: bool = False
+) -> None:
+    """Refuse (one line) to resume ``path`` on other data than it was trained on, unless
+    ``allow_change`` (``checkpoint.allow_data_change``), which warns instead. Checkpoints without
+    a data record (older megaspan) and callers without one pass."""
+    from megaspan.data.identity import describe_difference
+
+    saved = meta.get("data")
+    if not saved or not expected or (difference := describe_difference(saved, expected)) is None:
+        return
+    if allow_change:
+        _warn(
+            f"{path} was trained on other data ({difference}); continuing on the new data "
+            "(checkpoint.allow_data_change=true)"
+        )
+        return
+    raise CheckpointError(
+        f"{path} was trained on other data: {difference}; resume with the data it was trained on, "
+        "or continue on the new data with checkpoint.allow_data_change=true"
+    )
+
+
 def _align_param_groups(loaded: Any, optimizer) -> None:
     """Give the loaded optimizer param groups this run's hyper-parameters.
 
@@ -945,6 +974,8 @@ def load_checkpoint(
     load_optimizer: bool = True,
     *,
     expected_tokenizer_hash: str | None = None,
+    expected_data: dict[str, Any] | None = None,
+    allow_data_change: bool = False,
 ) -> Resumed:
     """Restore model, optimizer, scheduler and (same world size only) RNG state from ``path``.
 
@@ -958,15 +989,17 @@ def load_checkpoint(
 
     Raises :class:`~megaspan.errors.CheckpointError` (one line) when ``path`` is not a complete
     checkpoint, is corrupt, belongs to another model (which tensor, its shape there and here),
-    or was trained with another tokenizer than ``expected_tokenizer_hash``.
+    or was trained with another tokenizer than ``expected_tokenizer_hash``, or (full resumes only)
+    on other data than ``expected_data`` (:func:`check_data`; ``allow_data_change`` warns instead).
     """
     meta = read_meta(path)
     problem = check_checkpoint(path) if meta is not None else f"{path / META_FILE} is missing"
     if problem is not None:
         raise CheckpointError(f"{path} is not a complete megaspan checkpoint: {problem}")
     check_tokenizer(path, meta, expected_tokenizer_hash)
-    if not load_optimizer:
+    if not load_optimizer:  # a new run on whatever data it is given
         return _load_weights_only(path, chunks, optimizer)
+    check_data(path, meta, expected_data, allow_data_change)
     saved_distributed = meta.get("distributed_optimizer")
     if saved_distributed is not None and saved_distributed != _is_distributed(optimizer):
         raise ConfigError(

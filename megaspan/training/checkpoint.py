@@ -693,6 +693,7 @@ def save_checkpoint(
                     diverged,
                     lineage,
                     data_identity,
+                    config,
                 )
                 if not diverged:
                     prune(ckpt_dir, keep_last, keep=final, lineage=lineage)
@@ -727,10 +728,13 @@ def _commit(
     diverged: bool,
     lineage: str,
     data_identity: dict[str, Any] | None,
+    config: dict[str, Any],
 ) -> None:
     meta = {
         "lineage": lineage,
         "data": data_identity,
+        # The model settings, to say what differs when a resume does not fit (see load_checkpoint).
+        "model": config.get("model") if isinstance(config, dict) else None,
         "step": progress.step,
         "consumed_samples": progress.consumed_samples,
         "world_size": _world(),
@@ -857,6 +861,41 @@ def key_mismatch(path: Path, in_checkpoint_only: set[str], in_model_only: set[st
     )
 
 
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}.{key}"))
+        return out
+    return {prefix: node}
+
+
+def model_difference(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
+    """``model.num_layers 4 -> 6, model.norm_placement spannorm -> pre`` for the ``model``
+    config sections of a checkpoint and of this run, or None (equal, or either unknown)."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return None
+    before, after = _flat(saved, "model"), _flat(now, "model")
+    keys = [k for k in after if k in before and before[k] != after[k]]
+    keys += [k for k in before if k not in after] + [k for k in after if k not in before]
+    if not keys:
+        return None
+    parts = [f"{k} {before.get(k, '(absent)')} -> {after.get(k, '(absent)')}" for k in keys]
+    return _listing(parts, limit=5)
+
+
+def _explained(exc: CheckpointError, path: Path, difference: str | None) -> CheckpointError:
+    """A load failure of a checkpoint saved with other model settings, said as that difference
+    (the tensor-level detail of Megatron/DCP, e.g. ``CheckpointException ranks:dict_keys([0])``,
+    does not tell a user that the depth or placement changed)."""
+    if difference is None or " is corrupt" in str(exc):
+        return exc
+    return CheckpointError(
+        f"{path} was saved with other model settings: {difference}; resume with the settings it was "
+        "saved with (its run dir's config.yaml has them), or start a new run dir"
+    )
+
+
 def _load(template: dict, path: Path) -> dict:
     """``dist_checkpointing.load`` with explicit strictness (see ``EXTRA_STATE_SUFFIX``).
 
@@ -976,6 +1015,7 @@ def load_checkpoint(
     expected_tokenizer_hash: str | None = None,
     expected_data: dict[str, Any] | None = None,
     allow_data_change: bool = False,
+    expected_model: dict[str, Any] | None = None,
 ) -> Resumed:
     """Restore model, optimizer, scheduler and (same world size only) RNG state from ``path``.
 
@@ -991,14 +1031,20 @@ def load_checkpoint(
     checkpoint, is corrupt, belongs to another model (which tensor, its shape there and here),
     or was trained with another tokenizer than ``expected_tokenizer_hash``, or (full resumes only)
     on other data than ``expected_data`` (:func:`check_data`; ``allow_data_change`` warns instead).
+    ``expected_model`` (this run's ``model`` config section): when the checkpoint does not fit and
+    was saved with other model settings, the error names those (``model.num_layers 4 -> 6``).
     """
     meta = read_meta(path)
     problem = check_checkpoint(path) if meta is not None else f"{path / META_FILE} is missing"
     if problem is not None:
         raise CheckpointError(f"{path} is not a complete megaspan checkpoint: {problem}")
     check_tokenizer(path, meta, expected_tokenizer_hash)
+    difference = model_difference(meta.get("model"), expected_model)
     if not load_optimizer:  # a new run on whatever data it is given
-        return _load_weights_only(path, chunks, optimizer)
+        try:
+            return _load_weights_only(path, chunks, optimizer)
+        except CheckpointError as exc:
+            raise _explained(exc, path, difference) from None
     check_data(path, meta, expected_data, allow_data_change)
     saved_distributed = meta.get("distributed_optimizer")
     if saved_distributed is not None and saved_distributed != _is_distributed(optimizer):
@@ -1011,9 +1057,12 @@ def load_checkpoint(
     # it keeps its fresh seed (the model and optimizer still reshard exactly).
     with_rng = meta["world_size"] == _world()
     template = _sharded_state_dict(chunks, optimizer, scheduler, is_loading=True, with_rng=with_rng, extra={})
-    state = _load(template, path)
-    for i, chunk in enumerate(chunks):
-        _load_chunk(chunk, state[f"model{i}"], path)
+    try:
+        state = _load(template, path)
+        for i, chunk in enumerate(chunks):
+            _load_chunk(chunk, state[f"model{i}"], path)
+    except CheckpointError as exc:
+        raise _explained(exc, path, difference) from None
     _align_param_groups(state["optimizer"], optimizer)
     optimizer.load_state_dict(state["optimizer"])
     now = hyperparameters(optimizer, scheduler)

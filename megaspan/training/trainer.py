@@ -288,6 +288,7 @@ class Trainer:
                 expected_tokenizer_hash=self.tokenizer_hash,
                 expected_data=self.data_identity,
                 allow_data_change=self.cfg.checkpoint.allow_data_change,
+                expected_model=config_to_dict(self.cfg)["model"],
             )
         self.progress = Progress(progress.step, progress.consumed_samples)
         # A weights-only load starts a new run (lineage None): keep this one's fresh lineage.

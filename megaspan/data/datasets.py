@@ -120,13 +120,14 @@ def build_datasets(
 def dataset_identity(data_cfg: DataConfig, tokenizer: SentencePieceTokenizer) -> dict:
     """The :func:`megaspan.data.identity.data_identity` record of the data ``data_cfg`` names
     (each prefix's sizes and ``.idx`` hash, the weights and split), recorded in every checkpoint.
-    Call after :func:`build_datasets` (which validates the paths); collective for the embedded
-    corpus (it is preprocessed on rank 0 first)."""
-    if data_cfg.paths:
-        return data_identity([str(p) for p in data_cfg.paths], data_cfg.weights, data_cfg.split)
+    Call after :func:`build_datasets` (which validates the paths), on every rank when a process
+    group exists: rank 0 hashes (once per file version) and broadcasts."""
     cache = default_cache_dir(data_cfg.cache_dir)
+    memo = cache / "index_cache"  # the .idx hashes, kept beside the indices they name
+    if data_cfg.paths:
+        return data_identity([str(p) for p in data_cfg.paths], data_cfg.weights, data_cfg.split, memo)
     prefixes = rank_zero_first(lambda: preprocess_stdlib(tokenizer, cache))
-    return data_identity([prefixes["train"], prefixes["valid"]], None, None)
+    return data_identity([prefixes["train"], prefixes["valid"]], None, None, memo)
 
 
 @contextlib.contextmanager

@@ -20,48 +20,106 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 4 << 20
-# (path, size, mtime_ns) -> sha256: a run computes the identity twice (index cache, checkpoint).
-_HASHES: dict[tuple[str, int, int], str] = {}
+_MEMO_FILE = "idx_sha256.json"
 
 
-def _sha256(path: Path) -> str:
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _HASHES:
+def _file_key(path: Path) -> str:
+    """What identifies one version of a file without reading it: replacing or rewriting it
+    changes its inode or ctime (which no user tool can set back), so a hash stored under this
+    key is never reused for other content."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def _sha256(path: Path, memo: dict[str, str]) -> str:
+    key = _file_key(path)
+    if key not in memo:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
-        _HASHES[memo] = digest.hexdigest()
-    return _HASHES[memo]
+        memo[key] = digest.hexdigest()
+    return memo[key]
 
 
-def prefix_identity(prefix: str | os.PathLike[str]) -> dict[str, Any]:
+def _load_memo(memo_dir: Path | None) -> dict[str, str]:
+    try:
+        memo = json.loads((memo_dir / _MEMO_FILE).read_text()) if memo_dir else {}
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _store_memo(memo_dir: Path | None, memo: dict[str, str]) -> None:
+    """Best effort (a cache): an atomic replace, so concurrent jobs never read half a file."""
+    if memo_dir is None:
+        return
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo_dir / f".{_MEMO_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_dir / _MEMO_FILE)
+    except OSError:
+        pass
+
+
+def prefix_identity(prefix: str | os.PathLike[str], memo: dict[str, str] | None = None) -> dict[str, Any]:
     """``{"prefix", "bin_bytes", "idx_bytes", "idx_sha256"}`` of one indexed dataset."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     return {
         "prefix": str(prefix),
         "bin_bytes": bin_path.stat().st_size,
         "idx_bytes": idx_path.stat().st_size,
-        "idx_sha256": _sha256(idx_path),
+        "idx_sha256": _sha256(idx_path, {} if memo is None else memo),
     }
 
 
 def data_identity(
-    prefixes: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None, split: str | None
+    prefixes: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float] | None,
+    split: str | None,
+    memo_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The record of a run's data: every prefix's identity and the blend (``weights``: the
-    configured blend weights, None = by size; ``split``: ``data.split``, None when not used)."""
-    return {
-        "datasets": [prefix_identity(p) for p in prefixes],
-        "weights": None if weights is None else [float(w) for w in weights],
-        "split": split,
-    }
+    configured blend weights, None = by size; ``split``: ``data.split``, None when not used).
+
+    An ``.idx`` of a large corpus is gigabytes: it is hashed by global rank 0 only (the others
+    get the record by broadcast, so call this on every rank when a process group exists), and
+    once per file version: the hashes are kept in ``memo_dir`` (the index cache) under a key
+    that changes whenever the file is replaced or rewritten (see ``_file_key``)."""
+
+    def compute() -> dict[str, Any]:
+        memo = _load_memo(memo_dir)
+        known = dict(memo)
+        record = {
+            "datasets": [prefix_identity(p, memo) for p in prefixes],
+            "weights": None if weights is None else [float(w) for w in weights],
+            "split": split,
+        }
+        if memo != known:
+            _store_memo(memo_dir, memo)
+        return record
+
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [compute()]
+        except OSError as exc:  # every rank raises it, none is left in the broadcast
+            box = [exc]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], OSError):
+        raise box[0]
+    return box[0]
 
 
 def cache_key(identity: dict[str, Any]) -> str:

@@ -148,3 +148,30 @@ def test_cli_resume_after_the_data_was_replaced(corpus, tmp_path):
     allowed = train(run, *longer, "checkpoint.allow_data_change=true")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert "resumed from checkpoint at step 2" in allowed.stdout
+
+
+def test_idx_hashes_are_remembered_per_file_version(corpus, tmp_path, monkeypatch):
+    """A large .idx is hashed once, not at every start; a replaced file is hashed again."""
+    from megaspan.data import identity
+
+    root, tok, docs_a, docs_b = corpus
+    prefix = tmp_path / "corpus"
+    preprocess_documents(docs_a, tok, prefix, progress=False)
+    cfg = DataConfig(paths=[str(prefix)], split="90,10,0", cache_dir=str(tmp_path / "cache"))
+    first = dataset_identity(cfg, tok)
+    memo = json.loads((tmp_path / "cache" / "index_cache" / identity._MEMO_FILE).read_text())
+    assert list(memo.values()) == [first["datasets"][0]["idx_sha256"]]  # kept for the next start
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(".idx"):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert dataset_identity(cfg, tok) == first and opened == []  # from the memo
+    monkeypatch.undo()
+    preprocess_documents(docs_b, tok, prefix, progress=False)
+    second = dataset_identity(cfg, tok)
+    assert second["datasets"][0]["idx_sha256"] != first["datasets"][0]["idx_sha256"]

@@ -4,6 +4,7 @@ the optimizer's param groups.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ def model_difference(saved: dict[str, Any] | None, now: dict[str, Any] | None) -
     config sections of a checkpoint and of this run, or None (equal, or either unknown)."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return None
+    # The saved section went through JSON (tuples became lists): compare like with like.
+    now = json.loads(json.dumps(now, default=str))
     before, after = _flat(saved, "model"), _flat(now, "model")
     keys = [k for k in after if k in before and before[k] != after[k]]
     keys += [k for k in before if k not in after] + [k for k in after if k not in before]

@@ -214,6 +214,9 @@ class CheckpointConfig:
     load_optimizer: bool = True
     """False: take only the model weights from checkpoint.resume=<path>; optimizer, LR schedule and
     step start fresh (fine-tuning, or moving to a layout or optimizer type whose state you drop)."""
+    allow_data_change: bool = False
+    """Resume on data that differs from the checkpoint's record (data.paths, their sizes or .idx
+    content, data.weights, data.split); False refuses it in one line."""
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,8 @@ Cache layout under ``data.cache_dir`` (default ``~/.cache/megaspan``)::
 
     tokenizers/spm-<type>-v<vocab>-<hash>.model    trained tokenizers
     stdlib/<hash>/{train,valid}.{bin,idx}          the preprocessed embedded corpus
-    index_cache/<md5>-GPTDataset-<split>-*.npy     Megatron's document/sample/shuffle indices
+    index_cache/<content>/<md5>-GPTDataset-<split>-*.npy   Megatron's document/sample/shuffle
+                                                   indices, per data content (.idx hash, sizes)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from torch.utils.data import Dataset
 
 from megaspan.data import DataError
+from megaspan.data.identity import cache_key, data_identity
 from megaspan.data.preprocess import index_stats, is_complete, preprocess_stdlib
 from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir, rank_zero_first
 
@@ -95,18 +97,22 @@ def build_datasets(
         split_source = {"blend_per_split": [([prefixes["train"]], None), ([prefixes["valid"]], None), None]}
     train_prefixes = data_cfg.paths or [prefixes["train"]]
     _check_index_size([index_stats(str(p))[:2] for p in train_prefixes], num_samples[0], seq_length)
+    # Megatron names its index files after the dataset path, not its content: data replaced
+    # under the same prefix would be read through the old document/sample indices (wrong
+    # samples, then a crash). One cache subdirectory per content (.idx hash, sizes) instead.
+    path_to_cache = cache / "index_cache" / cache_key(dataset_identity(data_cfg, tokenizer))
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         tokenizer=tokenizer,
-        path_to_cache=str(cache / "index_cache"),
+        path_to_cache=str(path_to_cache),
         reset_position_ids=data_cfg.reset_position_ids,
         reset_attention_mask=data_cfg.reset_attention_mask,
         eod_mask_loss=data_cfg.eod_mask_loss,
         create_attention_mask=create_attention_mask,
         **split_source,
     )
-    with _index_cache_lock(cache / "index_cache"):
+    with _index_cache_lock(cache / "index_cache"):  # one lock for every content's subdirectory
         train, valid, test = BlendedMegatronDatasetBuilder(
             GPTDataset, list(num_samples), is_built_on_rank, config
         ).build()
@@ -142,6 +148,18 @@ def _check_index_size(stats: Sequence[tuple[int, int]], num_samples: int | None,
             f"{index / 2**30:.1f} GiB (this machine has {memory / 2**30:.0f} GiB){' and more than ' + str(MAX_EPOCHS) + ' epochs' if epochs > MAX_EPOCHS else ''}: "
             "lower training.steps or add data"
         )
+
+def dataset_identity(data_cfg: DataConfig, tokenizer: SentencePieceTokenizer) -> dict:
+    """The :func:`megaspan.data.identity.data_identity` record of the data ``data_cfg`` names
+    (each prefix's sizes and ``.idx`` hash, the weights and split), recorded in every checkpoint.
+    Call after :func:`build_datasets` (which validates the paths), on every rank when a process
+    group exists: rank 0 hashes (once per file version) and broadcasts."""
+    cache = default_cache_dir(data_cfg.cache_dir)
+    memo = cache / "index_cache"  # the .idx hashes, kept beside the indices they name
+    if data_cfg.paths:
+        return data_identity([str(p) for p in data_cfg.paths], data_cfg.weights, data_cfg.split, memo)
+    prefixes = rank_zero_first(lambda: preprocess_stdlib(tokenizer, cache))
+    return data_identity([prefixes["train"], prefixes["valid"]], None, None, memo)
 
 
 @contextlib.contextmanager

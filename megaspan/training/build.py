@@ -140,11 +140,12 @@ class Data:
     datasets: tuple  # (train, valid, test) map-style datasets of GPTDataset samples
     tokenizer_path: str | None = None
     tokenizer_hash: str | None = None  # content hash: recorded in config.yaml and every checkpoint
+    identity: dict | None = None  # prefixes, sizes, .idx hashes, blend: recorded in every checkpoint
 
 
 def build_data(cfg: MegaspanConfig) -> Data:
     """Tokenizer and datasets on every rank; rank 0 builds caches first."""
-    from megaspan.data.datasets import build_datasets
+    from megaspan.data.datasets import build_datasets, dataset_identity
     from megaspan.data.tokenizer import build_tokenizer, tokenizer_hash
 
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
@@ -164,7 +165,8 @@ def build_data(cfg: MegaspanConfig) -> Data:
         # attention is plainly causal and a [s, s] mask per sample is wasted memory.
         create_attention_mask=cfg.data.reset_attention_mask,
     )
-    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path))
+    identity = dataset_identity(cfg.data, tokenizer)
+    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path), identity)
 
 
 def _on_rank0[T](action: Callable[[], T], *, everywhere: bool = False) -> T | None:
@@ -321,6 +323,7 @@ def build_trainer(
             all_hooks,
             preempt=preempt,
             tokenizer_hash=data.tokenizer_hash,
+            data_identity=data.identity,
             run_dir_lock=lock,
         )
         _log_header(trainer, data, total_params)

@@ -127,6 +127,7 @@ class Trainer:
         preempt=None,
         tokenizer_hash: str | None = None,
         run_dir_lock=None,
+        data_identity: dict | None = None,
     ):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -139,6 +140,7 @@ class Trainer:
         self.device = runtime.device()
         self.preempt = preempt  # PreemptionFlag or None; its local flag rides on the step's all-reduce
         self.tokenizer_hash = tokenizer_hash  # recorded in checkpoints, checked on load
+        self.data_identity = data_identity  # likewise (prefixes, sizes, .idx hashes, blend)
         # Which run this is, recorded in its checkpoints: pruning touches only its own. A fresh
         # start is a new lineage; a resume continues the loaded checkpoint's (see load).
         self.lineage = new_lineage()
@@ -280,6 +282,7 @@ class Trainer:
                 cfg.checkpoint.keep_last,
                 tokenizer_hash=self.tokenizer_hash,
                 lineage=self.lineage,
+                data_identity=self.data_identity,
             )
         self.log.info(f"saved checkpoint {path}")
         return path
@@ -298,6 +301,9 @@ class Trainer:
                 objs.scheduler,
                 load_optimizer=load_optimizer,
                 expected_tokenizer_hash=self.tokenizer_hash,
+                expected_data=self.data_identity,
+                allow_data_change=self.cfg.checkpoint.allow_data_change,
+                expected_model=config_to_dict(self.cfg)["model"],
             )
         self.progress = Progress(progress.step, progress.consumed_samples)
         # A weights-only load starts a new run (lineage None): keep this one's fresh lineage.

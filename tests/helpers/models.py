@@ -102,3 +102,19 @@ def fresh_model_parallel(seed: int = 1234) -> None:
         return
     _clear_megatron_caches()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def one_optimizer_step(objs) -> None:
+    """One real optimizer step on training objects (``build_training_objects``), so Adam holds
+    state for every parameter and the scheduler a step count: a checkpoint saved before any step
+    has no optimizer state to resume."""
+    from megaspan.training.setup import cuda_free
+
+    for chunk in objs.model:
+        chunk.zero_grad_buffer()
+    objs.optimizer.zero_grad()
+    loss = sum((p.float() ** 2).sum() for p in objs.model[0].parameters()) * 1e-3
+    loss.backward()
+    objs.scheduler.step(increment=1)
+    with cuda_free():
+        objs.optimizer.step()

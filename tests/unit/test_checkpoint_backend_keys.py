@@ -26,7 +26,7 @@ from megaspan.training.checkpoint import (
     save_checkpoint,
 )
 from megaspan.training.setup import cuda_free
-from tests.helpers.models import tiny_overrides
+from tests.helpers.models import one_optimizer_step, tiny_overrides
 
 VOCAB = 128
 # What a TE op's get_extra_state returns when it holds no FP8 metadata: an empty byte tensor.
@@ -73,20 +73,8 @@ def _perturb(chunks) -> None:
                 p.add_(torch.randn_like(p))  # differ from any fresh init
 
 
-def _train_step(objs) -> None:
-    """One real optimizer step, so the checkpoint holds Adam state for every parameter."""
-    for chunk in objs.model:
-        chunk.zero_grad_buffer()
-    objs.optimizer.zero_grad()
-    loss = sum((p.float() ** 2).sum() for p in objs.model[0].parameters()) * 1e-3
-    loss.backward()
-    objs.scheduler.step(increment=1)
-    with cuda_free():
-        objs.optimizer.step()
-
-
 def _save(objs, ckpt_dir: Path) -> Path:
-    _train_step(objs)
+    one_optimizer_step(objs)
     with cuda_free():
         return save_checkpoint(
             ckpt_dir, Progress(3, 12), objs.chunks, objs.optimizer, objs.scheduler, {}, None

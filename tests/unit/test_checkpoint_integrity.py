@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from megaspan.errors import CheckpointError, RunDirError, UserError
-from megaspan.training import checkpoint as ck
 from megaspan.training.checkpoint import (
     META_FILE,
     NonFiniteModelError,
@@ -33,6 +32,7 @@ from megaspan.training.checkpoint import (
     remove_stale_tmp,
     save_checkpoint,
 )
+from megaspan.training.checkpoint import save as ck_save
 from tests.helpers.models import tiny_overrides
 
 VOCAB = 128
@@ -355,16 +355,16 @@ def test_save_starts_no_helper_process(mcore, tmp_path):
 
 def test_fault_injection_point_is_a_function(monkeypatch, mcore, tmp_path):
     """A crash after the shards are written and before the commit leaves only tmp-*: latest
-    stays on the previous checkpoint (tests inject it by patching ck._write_shards)."""
+    stays on the previous checkpoint (tests inject it by patching checkpoint.save._write_shards)."""
     objs = _objs()
     first = _save(objs, tmp_path, 1)
-    real = ck._write_shards
+    real = ck_save._write_shards
 
     def crash(state, tmp):
         real(state, tmp)
         raise RuntimeError("simulated crash while writing")
 
-    monkeypatch.setattr(ck, "_write_shards", crash)
+    monkeypatch.setattr(ck_save, "_write_shards", crash)
     with pytest.raises(RuntimeError):
         _save(objs, tmp_path, 2)
     assert (tmp_path / "latest").read_text().strip() == first.name
@@ -378,14 +378,14 @@ def test_signals_during_a_save_let_it_finish(monkeypatch, mcore, tmp_path):
     from megaspan.training.signals import PreemptionFlag
 
     objs = _objs()
-    real = ck._write_shards
+    real = ck_save._write_shards
 
     def signalled_write(state, tmp):
         os.kill(os.getpid(), signal.SIGINT)
         real(state, tmp)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(ck, "_write_shards", signalled_write)
+    monkeypatch.setattr(ck_save, "_write_shards", signalled_write)
     flag = PreemptionFlag()
     flag.install()
     try:

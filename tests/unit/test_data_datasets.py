@@ -209,7 +209,7 @@ def test_index_cache_builds_of_concurrent_jobs_are_serialized(setup, tmp_path):
         )
         worker.start()
         time.sleep(2.0)
-        assert worker.is_alive() and not list(lock_path.parent.glob("*.npy"))
+        assert worker.is_alive() and not list(lock_path.parent.rglob("*.npy"))
         fcntl.flock(other_job, fcntl.LOCK_UN)
     worker.join(timeout=120)
     assert not worker.is_alive() and len(result["ds"][0]) >= 20

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 # (os._exit, like a kill -9) at step $CRASH_AT, after every shard of that step was written.
 _CRASHING_CLI = """
 import os, sys
-import megaspan.training.checkpoint as ckpt
+import megaspan.training.checkpoint.save as ckpt
 commit = ckpt._commit
 def crash(ckpt_dir, tmp, final, progress, *args, **kwargs):
     if progress.step == int(os.environ["CRASH_AT"]):

@@ -55,10 +55,17 @@ def test_checkpoint_name_is_zero_padded() -> None:
 
 def test_latest_pointer_is_used_when_nothing_newer_is_valid(tmp_path: Path) -> None:
     _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 20, committed=False)  # an interrupted save: no commit record
+    (tmp_path / LATEST_FILE).write_text(checkpoint_name(10) + "\n")
+    assert find_latest_valid(tmp_path) == tmp_path / checkpoint_name(10)
+
+
+def test_a_newer_complete_checkpoint_than_latest_wins(tmp_path: Path) -> None:
+    """A stale ``latest`` (issue 20 item 4): newer intact work of the same run is resumed."""
+    _fake_checkpoint(tmp_path, 10)
     _fake_checkpoint(tmp_path, 20)
-    _fake_checkpoint(tmp_path, 30, committed=False)  # an interrupted save after `latest`
-    (tmp_path / LATEST_FILE).write_text(checkpoint_name(20) + "\n")
-    assert find_latest_valid(tmp_path) == tmp_path / checkpoint_name(20)
+    (tmp_path / LATEST_FILE).write_text(checkpoint_name(10) + "\n")
+    assert find_latest_valid(tmp_path, warn=lambda _: None) == tmp_path / checkpoint_name(20)
 
 
 def test_broken_latest_falls_back_to_previous_valid(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ with ``checkpoint.resume=auto`` so a preempted or interrupted cell continues fro
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megaspan.launchers import child_env
 from megaspan.sweep.spec import SweepError, cell_args, freeze
 from megaspan.sweep.status import FINISHED, final_loss, read_summary, run_status
 
@@ -166,8 +166,9 @@ def run_local(
                 cmd = train_command(sweep, index, run_dir, extra=extra, nproc=nproc, python=python)
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
+                # child_env: the cell stops (with a checkpoint) when this runner is killed -9.
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy()
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env()
                 )
                 running[index] = (proc, time.monotonic(), log)
             time.sleep(0.2)

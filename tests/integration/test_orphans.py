@@ -90,7 +90,9 @@ def test_a_watching_process_dies_with_its_killed_launcher(tmp_path: Path) -> Non
 
 def test_kill_9_of_torchrun_sh_stops_the_ranks_with_a_checkpoint(tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "out.log"
-    env = clean_env(NPROC="2", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = clean_env(
+        NPROC="2", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     with open(log, "w") as out:
         launcher = subprocess.Popen(
             [

@@ -73,7 +73,14 @@ from torch.distributed.run import get_args_parser, main
 if any("--signals-to-handle" in a.option_strings for a in get_args_parser()._actions):
     sys.argv.insert(1, "--signals-to-handle=SIGHUP,SIGQUIT")
 sys.argv[0] = "torchrun"
-sys.exit(main())'
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+try:
+    sys.exit(main())
+except ChildFailedError as err:
+    # One line instead of its traceback and failure table (each rank has said what happened).
+    how = lambda f: f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited {f.exitcode}"
+    print("torchrun: " + "; ".join(f"rank {r} (pid {f.pid}) {how(f)}" for r, f in sorted(err.failures.items())), file=sys.stderr)
+    sys.exit(1)'
 GOT=""
 TR_PID=""
 # shellcheck disable=SC2317 # reached through the `trap` handlers below

@@ -39,7 +39,7 @@ from megaspan.training.callbacks.summary import SummaryHook
 from megaspan.training.checkpoint import check_checkpoint, find_latest_valid, remove_stale_tmp
 from megaspan.training.hooks import Hook
 from megaspan.training.metrics import MetricsLogger, flops_per_token
-from megaspan.training.rundir import RunDirLock, guarded, write_resolved_config
+from megaspan.training.rundir import RunDirLock, completed_run, guarded, write_resolved_config
 from megaspan.training.setup import TrainingObjects, build_training_objects
 from megaspan.training.signals import PreemptionFlag
 from megaspan.training.trainer import RankPosition, Trainer, checkpoint_dir, run_dir
@@ -370,6 +370,22 @@ def train(cfg: MegaspanConfig, *, exiting: bool = False) -> int:
     replace the run's exit code with -15."""
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
+    done = completed_run(run_dir(cfg), config_to_dict(cfg)) if cfg.checkpoint.resume == "auto" else None
+    if done is not None:
+        step, differ = done
+        if differ:
+            raise RunDirError(
+                f"training.run_dir={cfg.training.run_dir} holds a run completed at step {step} with other "
+                f"settings ({'; '.join(differ)}): use another training.run_dir, or raise training.steps "
+                "to train it further"
+            )
+        if runtime.env_from_launcher().rank == 0:
+            print(
+                f"megaspan: {cfg.training.run_dir} is already complete at step {step}: nothing to do "
+                "(raise training.steps to train it further)",
+                flush=True,
+            )
+        return 0
     # Installed first: Slurm's SIGUSR1 warning may arrive during start-up, and its default
     # action would kill the job; a flag raised before the loop stops it after its first step.
     preempt = PreemptionFlag() if cfg.training.exit_on_signal else None

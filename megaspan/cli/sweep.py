@@ -118,7 +118,12 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     code, _ = run_local(
-        sweep, runs, jobs=args.jobs, extra=args.overrides, nproc=args.nproc or 1, retry_failed=args.retry_failed
+        sweep,
+        runs,
+        jobs=args.jobs,
+        extra=args.overrides,
+        nproc=args.nproc or 1,
+        retry_failed=args.retry_failed,
     )
     return code
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megaspan import runtime
 from megaspan.config import derived
 from megaspan.config.layout import ParallelLayout
-from megaspan.config.loader import config_to_dict
+from megaspan.config.loader import config_to_dict, norm_options
 from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import CheckpointError, ConfigError, RunDirError, UserError
 from megaspan.training.callbacks.checkpointing import CheckpointHook
@@ -210,6 +210,20 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
     )
     config["model"]["vocab_size"] = data.vocab_size
     config["training"]["deterministic"] = resolved_deterministic(cfg)
+    # The other values the run derives from a null (a trial found config.yaml with these left
+    # null, so it did not say what the run used): the same functions the model build calls.
+    from megaspan.norms.registry import build_placement
+
+    m = cfg.model
+    placement = build_placement(m.norm_placement, norm_options(cfg), m.num_layers)
+    model = config["model"]
+    model["num_query_groups"] = m.num_query_groups or m.num_attention_heads
+    model["ffn_hidden_size"] = derived.ffn_hidden_size(m)
+    model["max_position_embeddings"] = m.max_position_embeddings or m.seq_length
+    model["init_method_std"] = placement.init_std(m.hidden_size, m.init_method_std)
+    if isinstance(model.get("norm"), dict):
+        model["norm"]["final_norm"] = placement.final_norm
+    config["schedule"]["decay_steps"] = derived.decay_steps(cfg)
     if data.tokenizer_path is not None:
         config["tokenizer"]["model"] = data.tokenizer_path
     p = trainer.position

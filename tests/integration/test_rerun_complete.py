@@ -30,6 +30,20 @@ def test_a_finished_run_rerun_says_complete_and_touches_nothing(tmp_path: Path) 
     first = train(run, *COMMON)
     assert first.returncode == 0, first.stderr[-3000:]
     before = _snapshot(run)
+    # issue 20 item 10: config.yaml says what the run used, not null, for what the run derives.
+    import yaml
+
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in [
+        ("model", "num_query_groups"),
+        ("model", "ffn_hidden_size"),
+        ("model", "max_position_embeddings"),
+        ("model", "init_method_std"),
+        ("schedule", "decay_steps"),
+    ]:
+        assert resolved[section][key] is not None, (section, key)
+    assert resolved["model"]["norm"]["final_norm"] is not None
+    assert resolved["schedule"]["decay_steps"] == 3
 
     same = train(run, *COMMON)
     assert same.returncode == 0, same.stderr[-3000:]

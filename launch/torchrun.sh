@@ -58,18 +58,29 @@ fi
 #   * Ctrl-C (SIGINT) is forwarded as SIGTERM, so the ranks exit 0 and torchrun reports no failed
 #     worker; this script then exits 130, as a shell expects after Ctrl-C. A second Ctrl-C is
 #     forwarded as SIGINT, which aborts the ranks at once (no checkpoint).
-#   * SIGKILL cannot be trapped: kill -9 of this script leaves torchrun to its own SIGHUP/parent
-#     handling; kill -9 of a rank makes torchrun stop the others (no helper processes remain:
-#     megaspan's checkpoint writer has none).
+#   * SIGKILL cannot be trapped: the shim lists this script's pid and torchrun's in
+#     MEGASPAN_WATCH_PIDS (megaspan/launchers.py), and each rank stops with a checkpoint once one of
+#     them is no longer its ancestor: kill -9 of this script or of torchrun leaves no rank running.
+#     kill -9 of a rank makes torchrun stop the others (no helper processes remain: megaspan's
+#     checkpoint writer has none).
 # shellcheck disable=SC2016
-SHIM='import signal, sys
+SHIM='import os, signal, sys
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
     signal.signal(s, lambda *_: None)
+watch = os.environ.get("MEGASPAN_WATCH_PIDS", "").split()
+os.environ["MEGASPAN_WATCH_PIDS"] = " ".join(watch + [str(os.getppid()), str(os.getpid())])
 from torch.distributed.run import get_args_parser, main
 if any("--signals-to-handle" in a.option_strings for a in get_args_parser()._actions):
     sys.argv.insert(1, "--signals-to-handle=SIGHUP,SIGQUIT")
 sys.argv[0] = "torchrun"
-sys.exit(main())'
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+try:
+    sys.exit(main())
+except ChildFailedError as err:
+    # One line instead of its traceback and failure table (each rank has said what happened).
+    how = lambda f: f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited {f.exitcode}"
+    print("torchrun: " + "; ".join(f"rank {r} (pid {f.pid}) {how(f)}" for r, f in sorted(err.failures.items())), file=sys.stderr)
+    sys.exit(1)'
 GOT=""
 TR_PID=""
 # shellcheck disable=SC2317 # reached through the `trap` handlers below

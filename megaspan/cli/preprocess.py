@@ -40,17 +40,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaspan.data.preprocess import preprocess_files
+    import signal
+    import sys
+
+    from megaspan.data.preprocess import check_output_prefix, preprocess_files
     from megaspan.data.tokenizer import load_tokenizer
 
-    stats = preprocess_files(
-        args.input,
-        load_tokenizer(args.tokenizer),
-        args.output_prefix,
-        text_key=args.text_key,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    check_output_prefix(args.output_prefix)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the hidden tmp files (tens of MB) are removed and
+    # the user learns what happened (before: exit -15, no message, the tmp files left behind).
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        stats = preprocess_files(
+            args.input,
+            load_tokenizer(args.tokenizer),
+            args.output_prefix,
+            text_key=args.text_key,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except Stopped as exc:
+        signum = exc.args[0]
+        print(
+            f"megaspan preprocess: stopped by {signal.Signals(signum).name}: {args.output_prefix}.bin/.idx "
+            "not written (no partial files left); run it again to preprocess",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(
         f"{stats.prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens "
         f"(incl. one EOD each), {stats.seconds:.1f}s"

@@ -37,10 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--nproc",
         metavar="N",
         type=int,
-        default=1,
+        default=None,
         help="processes (GPUs) per cell; >1 launches each cell with torch.distributed.run",
     )
     p.add_argument("--list", action="store_true", help="print the cells and their status, run nothing")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also start the cells that failed under the runner (skipped otherwise; --list shows their exit code)",
+    )
     p.add_argument(
         "--slurm",
         action="store_true",
@@ -78,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
     for item in args.overrides:
         if "=" not in item:
             raise SweepError(f"override {item!r} is not key=value (e.g. training.steps=100)")
+    for flag, value in (("--jobs", args.jobs), ("--nproc", args.nproc)):
+        if value is not None and value < 1:
+            raise SweepError(f"{flag} must be >= 1, got {value}")
+    # Validated against the world size only when it is known: a local run (--nproc, default 1),
+    # or --list with --nproc; a Slurm job's world is the job's.
+    world = None if args.slurm or (args.list and args.nproc is None) else (args.nproc or 1)
+    check_cells(sweep, args.overrides, world)
     runs = args.runs if args.runs is not None else default_runs_dir(sweep)
     if args.list:
         for cell, status in sweep_status(sweep, runs):
@@ -105,5 +117,32 @@ def run(args: argparse.Namespace) -> int:
                 f"job array {job} (run dirs under {runs})"
             )
         return 0
-    code, _ = run_local(sweep, runs, jobs=args.jobs, extra=args.overrides, nproc=args.nproc)
+    code, _ = run_local(
+        sweep,
+        runs,
+        jobs=args.jobs,
+        extra=args.overrides,
+        nproc=args.nproc or 1,
+        retry_failed=args.retry_failed,
+    )
     return code
+
+
+def check_cells(sweep: dict, extra: list[str], nproc: int | None) -> None:
+    """Every cell's config loads (unknown keys, a missing recipe, wrong types) and, for a local
+    run on ``nproc`` processes per cell, validates (bad values, layouts), so ``--list`` and the
+    runner refuse a broken sweep before starting anything. Torch-free."""
+    from megaspan.config import load_config, validate
+    from megaspan.errors import UserError
+    from megaspan.sweep.spec import SweepError, cell_args
+
+    for cell in sweep["cells"]:
+        args = cell_args(sweep, cell["index"])
+        recipe = args[1] if args[:1] == ["--config"] else "default"
+        overrides = [*args[2:], *extra] if args[:1] == ["--config"] else [*args, *extra]
+        try:
+            cfg = load_config(recipe, overrides)
+            if nproc is not None:  # --slurm: the world size is the job's, not known here
+                validate(cfg, nproc)
+        except UserError as exc:
+            raise SweepError(f"sweep {sweep['name']}, cell {cell['name']}: {exc}") from None

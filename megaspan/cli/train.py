@@ -9,6 +9,7 @@ leaves no trace. The work itself is :func:`megaspan.training.build.train`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "train"
 
@@ -47,8 +48,42 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    from megaspan.launchers import stop_with_launchers
     from megaspan.runtime import setup_cpu
     from megaspan.training.build import train
 
+    if getattr(args, "exiting", False):
+        stop_with_launchers()  # kill -9 of torchrun.sh / torchrun / megaspan sweep stops this run too
+
     setup_cpu()  # Megatron-Core's CUDA sites emulated on a CPU-only machine; a no-op with CUDA
-    return train(cfg, exiting=getattr(args, "exiting", False))
+    try:
+        return train(cfg, exiting=getattr(args, "exiting", False))
+    except Exception as exc:
+        line = lost_peer_line(exc, cfg)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return 1
+
+
+def lost_peer_line(exc: BaseException, cfg) -> str | None:
+    """The one line a surviving rank prints when another rank died (instead of 115-147 lines of
+    tracebacks from every rank): the lost peer and the checkpoint a restart resumes from."""
+    from megaspan.runtime import env_from_launcher
+    from megaspan.runtime.distributed import lost_peer
+    from megaspan.training.checkpoint import find_latest_valid
+    from megaspan.training.trainer import checkpoint_dir
+
+    peer = lost_peer(exc)
+    if peer is None:
+        return None
+    try:
+        latest = find_latest_valid(checkpoint_dir(cfg), warn=lambda _: None)
+    except Exception:  # noqa: BLE001 - the line must come out whatever the checkpoint dir holds
+        latest = None
+    resume = (
+        f"the last intact checkpoint is {latest}; rerun the same command to resume from it"
+        if latest is not None
+        else f"no intact checkpoint in {checkpoint_dir(cfg)}: a rerun starts from step 0"
+    )
+    return f"megaspan: rank {env_from_launcher().rank}: lost {peer}, stopping; {resume}"

@@ -130,6 +130,12 @@ def resolve_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(
+            f"config file '{name_or_path}' is a directory{hint}: give the path of a YAML recipe file"
+        )
     for candidate in (RECIPE_DIR / name_or_path, RECIPE_DIR / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate

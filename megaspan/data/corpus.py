@@ -116,12 +116,20 @@ def stdlib_corpus(split: Split) -> Corpus:
 
 def read_txt(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield the whole of a UTF-8 ``.txt`` file as one document (nothing if it is empty)."""
+    data = Path(path).read_bytes()
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 at byte {err.start}; re-encode the file as UTF-8") from None
+        raise _utf8_error(path, data[: err.start].count(b"\n") + 1, err) from None
     if text:
         yield text
+
+
+def _utf8_error(path: str | os.PathLike[str], lineno: int, err: UnicodeDecodeError) -> DataError:
+    return DataError(
+        f"{path}:{lineno}: not valid UTF-8 (byte 0x{err.object[err.start]:02x}); re-encode the file as "
+        "UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that line"
+    )
 
 
 def read_jsonl(path: str | os.PathLike[str], text_key: str = "text") -> Iterator[str]:
@@ -130,8 +138,12 @@ def read_jsonl(path: str | os.PathLike[str], text_key: str = "text") -> Iterator
     Blank lines are skipped; empty texts are skipped. A malformed line is an error rather than
     being skipped, because silently losing data shifts every later document.
     """
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _utf8_error(path, lineno, err) from None
             if not line.strip():
                 continue
             try:

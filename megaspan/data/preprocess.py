@@ -100,6 +100,18 @@ def preprocess_documents(
     return PreprocessStats(str(prefix), meter.documents, meter.tokens, meter.elapsed())
 
 
+def check_output_prefix(output_prefix: str | os.PathLike[str]) -> None:
+    """A prefix names files (PREFIX.bin, PREFIX.idx), not a directory: ``out/`` wrote ``out.bin``
+    beside the directory."""
+    raw = os.fspath(output_prefix)
+    if raw.endswith(("/", os.sep)) or Path(raw).is_dir():
+        name = raw.rstrip("/" + os.sep) or raw
+        raise DataError(
+            f"--output-prefix {raw} is a directory; give a file prefix inside it, e.g. "
+            f"{name}/data (writes {name}/data.bin and {name}/data.idx)"
+        )
+
+
 def preprocess_files(
     inputs: Sequence[str | os.PathLike[str]],
     tokenizer: SentencePieceTokenizer,
@@ -113,6 +125,7 @@ def preprocess_files(
 
     Input paths are checked before anything is written (or megatron is imported).
     """
+    check_output_prefix(output_prefix)
     return preprocess_documents(
         iter_documents(expand_inputs(inputs), text_key),
         tokenizer,

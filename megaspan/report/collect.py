@@ -16,7 +16,7 @@ from typing import Any
 
 from megaspan.errors import RunDirError
 from megaspan.sweep.runner import FROZEN
-from megaspan.sweep.status import as_float, read_summary, run_status
+from megaspan.sweep.status import as_float, read_summary, status_label
 
 TRAIN_TAGS = ("train/loss",)
 VAL_TAGS = ("valid/loss", "val/loss")  # the trainer's tag is valid/loss; val/loss is the contract's name
@@ -105,7 +105,7 @@ def read_run(run_dir: Path, sweep: str = "", cell: dict[str, Any] | None = None)
     record = RunRecord(
         path=run_dir,
         name=run_dir.name,
-        status=run_status(run_dir, summary),
+        status=status_label(run_dir, summary),
         summary=summary,
         config=config,
         placement=(str(placement) if placement is not None else "?") + (f"/{variant}" if variant else ""),

@@ -86,7 +86,57 @@ def init_process_group(timeout_s: int = 600) -> DistEnv:
         world_size=denv.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    global _PEERS
+    if denv.world_size > 1:
+        # Who is who, for the one line a surviving rank prints when a peer dies (lost_peer()).
+        peers: list = [None] * denv.world_size
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+        _PEERS = [tuple(p) for p in peers]
     return denv
+
+
+_PEERS: list[tuple[str, int]] = []
+"""(hostname, pid) of every rank of the world group, gathered once at init."""
+
+_LOST_PEER_TEXT = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Socket closed",
+    "NCCL communicator was aborted",
+    "remote process exited",
+)
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """If ``exc`` is a collective failing because another rank died: which one ("rank 1 (pid
+    4242)" for a dead rank on this node, else "a rank on another node"); otherwise None."""
+    text = str(exc)
+    dist_error = getattr(dist, "DistError", ())
+    if not (isinstance(exc, dist_error) or any(t in text for t in _LOST_PEER_TEXT)):
+        return None
+    if not _PEERS:
+        return None
+    host = socket.gethostname()
+    dead = [
+        f"rank {rank} (pid {pid})"
+        for rank, (peer_host, pid) in enumerate(_PEERS)
+        if peer_host == host and pid != os.getpid() and not _alive(pid)
+    ]
+    if dead:
+        return ", ".join(dead)
+    if any(peer_host != host for peer_host, _ in _PEERS):
+        return "a rank on another node"
+    return None  # every local peer lives: not a lost peer, keep the traceback
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")  # a zombie has died; its parent has not collected it yet
 
 
 def parallel_sizes(parallel) -> dict:

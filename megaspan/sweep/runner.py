@@ -8,7 +8,6 @@ with ``checkpoint.resume=auto`` so a preempted or interrupted cell continues fro
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megaspan.launchers import child_env
 from megaspan.sweep.spec import SweepError, cell_args, freeze
-from megaspan.sweep.status import FINISHED, final_loss, read_summary, run_status
+from megaspan.sweep.status import EXIT_FILE, FINISHED, final_loss, read_summary, run_status, status_label
 
 CELL_LOG = "sweep-cell.log"
 """stdout+stderr of the cell's ``megaspan train`` (train.log holds the trainer's own log)."""
@@ -112,7 +112,12 @@ def _result(
             if rc == 0 and not (run_dir / "preempted").exists()
             else ("preempted" if rc == 0 else "failed")
         )
+    if not skipped and rc and status not in FINISHED | {"preempted"}:
+        (run_dir / EXIT_FILE).write_text(f"{rc}\n")
+        status = "failed"
     loss, kind = final_loss(summary)
+    if skipped and status == "failed":
+        status = status_label(run_dir, summary)
     return CellResult(index, name, status, loss, kind, wall_s, rc, skipped)
 
 
@@ -125,14 +130,19 @@ def run_local(
     nproc: int = 1,
     python: str = sys.executable,
     echo: Callable[[str], None] = print,
+    retry_failed: bool = False,
 ) -> tuple[int, list[CellResult]]:
     """Run every unfinished cell (``jobs`` at a time); returns (exit code, results in cell order).
 
     Exit code 0 when every cell completed or diverged, 1 when some failed or were preempted (rerun
-    the same command to resume them), 130 when interrupted.
+    the same command to resume them), 130 when interrupted. A cell that failed under the runner
+    (its exit code recorded) is skipped unless ``retry_failed``: a cell that fails at every start
+    must not be started again by every run of the sweep.
     """
     if jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {jobs}")
+    if nproc < 1:
+        raise SweepError(f"--nproc must be >= 1, got {nproc}")
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir(sweep)
     runs_dir.mkdir(parents=True, exist_ok=True)
     freeze(sweep, runs_dir / FROZEN)
@@ -143,7 +153,7 @@ def run_local(
     done = 0
     for cell in cells:
         run_dir = runs_dir / cell["name"]
-        if run_status(run_dir) in FINISHED:
+        if run_status(run_dir) in FINISHED or (not retry_failed and run_status(run_dir) == "failed"):
             done += 1
             results[cell["index"]] = _result(
                 cell["index"], cell["name"], run_dir, wall_s=None, rc=None, skipped=True
@@ -162,12 +172,14 @@ def run_local(
                 index = start_queue.pop(0)
                 run_dir = runs_dir / cells[index]["name"]
                 run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / EXIT_FILE).unlink(missing_ok=True)
                 log = open(run_dir / CELL_LOG, "a")  # noqa: SIM115 - closed when the cell ends
                 cmd = train_command(sweep, index, run_dir, extra=extra, nproc=nproc, python=python)
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
+                # child_env: the cell stops (with a checkpoint) when this runner is killed -9.
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=os.environ.copy()
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env()
                 )
                 running[index] = (proc, time.monotonic(), log)
             time.sleep(0.2)
@@ -215,4 +227,4 @@ def run_local(
 
 def sweep_status(sweep: dict, runs_dir: Path) -> list[tuple[dict, str]]:
     """(cell, status) for every cell of the sweep, without running anything."""
-    return [(cell, run_status(Path(runs_dir) / cell["name"])) for cell in sweep["cells"]]
+    return [(cell, status_label(Path(runs_dir) / cell["name"])) for cell in sweep["cells"]]

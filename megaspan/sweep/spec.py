@@ -174,7 +174,11 @@ def expand(data: dict, source: str = "sweep", base_dir: Path | None = None) -> d
             raise SweepError(f"{source}: axis {raw_key!r} is neither an alias nor a dotted key")
         if key in axis_keys:
             raise SweepError(f"{source}: axis {key} given twice")
-        if not isinstance(values, list) or not values:
+        if values is None or values == []:
+            raise SweepError(
+                f"{source}: axis {raw_key!r} has no values; give at least one or remove the axis"
+            )
+        if not isinstance(values, list):
             values = [values]
         axis_keys.append(key)
         axis_values.append(values)

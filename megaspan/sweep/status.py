@@ -16,6 +16,17 @@ SUMMARY = "summary.json"
 FINISHED = frozenset({"completed", "diverged"})
 """Statuses a resumed sweep skips: the cell has its answer (divergence is a result, not an error)."""
 STATUSES = ("completed", "diverged", "preempted", "failed")
+EXIT_FILE = "sweep-cell.exit"
+"""The exit code of a cell that failed under the sweep runner (written by it, removed when the
+cell starts again): a cell that died before writing summary.json (a bad override, a data error)
+showed as "incomplete" and was started again by every run of the sweep."""
+
+
+def cell_exit_code(run_dir: str | Path) -> int | None:
+    try:
+        return int((Path(run_dir) / EXIT_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
@@ -31,10 +42,22 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
 def run_status(run_dir: str | Path, summary: dict[str, Any] | None = None) -> str:
     """completed|diverged|preempted|failed from the summary; else pending (no dir) / incomplete."""
     summary = read_summary(run_dir) if summary is None else summary
+    status = None
     if summary is not None:
         status = summary.get("status")
-        return status if status in STATUSES else "failed"
+        status = status if status in STATUSES else "failed"
+    if status not in FINISHED and cell_exit_code(run_dir) is not None:
+        return "failed"  # its last start failed, whatever an earlier start's summary says
+    if status is not None:
+        return status
     return "incomplete" if Path(run_dir).is_dir() else "pending"
+
+
+def status_label(run_dir: str | Path, summary: dict[str, Any] | None = None) -> str:
+    """The status, with the exit code for a cell that failed under the sweep runner."""
+    status = run_status(run_dir, summary)
+    code = cell_exit_code(run_dir) if status == "failed" else None
+    return f"failed (exit {code})" if code is not None else status
 
 
 def final_loss(summary: dict[str, Any] | None) -> tuple[float | None, str]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megaspan import runtime
 from megaspan.config import derived
 from megaspan.config.layout import ParallelLayout
-from megaspan.config.loader import config_to_dict
+from megaspan.config.loader import config_to_dict, norm_options
 from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import CheckpointError, ConfigError, RunDirError, UserError
 from megaspan.training.callbacks.checkpointing import CheckpointHook
@@ -39,7 +39,7 @@ from megaspan.training.callbacks.summary import SummaryHook
 from megaspan.training.checkpoint import check_checkpoint, find_latest_valid, remove_stale_tmp
 from megaspan.training.hooks import Hook
 from megaspan.training.metrics import MetricsLogger, flops_per_token
-from megaspan.training.rundir import RunDirLock, guarded, write_resolved_config
+from megaspan.training.rundir import RunDirLock, completed_run, guarded, write_resolved_config
 from megaspan.training.setup import TrainingObjects, build_training_objects
 from megaspan.training.signals import PreemptionFlag
 from megaspan.training.trainer import RankPosition, Trainer, checkpoint_dir, run_dir
@@ -213,6 +213,20 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
     )
     config["model"]["vocab_size"] = data.vocab_size
     config["training"]["deterministic"] = resolved_deterministic(cfg)
+    # The other values the run derives from a null (a trial found config.yaml with these left
+    # null, so it did not say what the run used): the same functions the model build calls.
+    from megaspan.norms.registry import build_placement
+
+    m = cfg.model
+    placement = build_placement(m.norm_placement, norm_options(cfg), m.num_layers)
+    model = config["model"]
+    model["num_query_groups"] = m.num_query_groups or m.num_attention_heads
+    model["ffn_hidden_size"] = derived.ffn_hidden_size(m)
+    model["max_position_embeddings"] = m.max_position_embeddings or m.seq_length
+    model["init_method_std"] = placement.init_std(m.hidden_size, m.init_method_std)
+    if isinstance(model.get("norm"), dict):
+        model["norm"]["final_norm"] = placement.final_norm
+    config["schedule"]["decay_steps"] = derived.decay_steps(cfg)
     if data.tokenizer_path is not None:
         config["tokenizer"]["model"] = data.tokenizer_path
     p = trainer.position
@@ -374,6 +388,22 @@ def train(cfg: MegaspanConfig, *, exiting: bool = False) -> int:
     replace the run's exit code with -15."""
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
+    done = completed_run(run_dir(cfg), config_to_dict(cfg)) if cfg.checkpoint.resume == "auto" else None
+    if done is not None:
+        step, differ = done
+        if differ:
+            raise RunDirError(
+                f"training.run_dir={cfg.training.run_dir} holds a run completed at step {step} with other "
+                f"settings ({'; '.join(differ)}): use another training.run_dir, or raise training.steps "
+                "to train it further"
+            )
+        if runtime.env_from_launcher().rank == 0:
+            print(
+                f"megaspan: {cfg.training.run_dir} is already complete at step {step}: nothing to do "
+                "(raise training.steps to train it further)",
+                flush=True,
+            )
+        return 0
     # Installed first: Slurm's SIGUSR1 warning may arrive during start-up, and its default
     # action would kill the job; a flag raised before the loop stops it after its first step.
     preempt = PreemptionFlag() if cfg.training.exit_on_signal else None

@@ -108,3 +108,42 @@ def write_resolved_config(run_dir: Path, config: dict[str, Any], resolved: dict[
     header += [f"# {key}: {json.dumps(value)}" for key, value in resolved.items()]
     text = "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False)
     guarded(run_dir / CONFIG_FILE, lambda: write_atomic(run_dir / CONFIG_FILE, text))
+
+
+SUMMARY_FILE = "summary.json"  # written by megaspan.training.callbacks.summary
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def completed_run(run_dir: Path, config: dict[str, Any]) -> tuple[int, list[str]] | None:
+    """For a run dir whose ``summary.json`` says *completed* at or beyond ``training.steps`` of
+    ``config`` (a ``config_to_dict``): ``(its step, the settings that differ)``; else None.
+
+    Re-running a finished run used to train zero steps and then rewrite its summary (final loss
+    null, tokens/s 0) and its config.yaml. Values left to be resolved at start-up (``null``,
+    ``auto``) count as the same: the finished run resolved them on its own start.
+    """
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "completed":
+        return None
+    step = summary.get("steps")
+    if not isinstance(step, int) or step < config["training"]["steps"]:
+        return None  # more steps asked for: the run goes on from its checkpoint
+    before = _flat(summary.get("config") or {})
+    now = _flat(config)
+    differ = [
+        f"{key} {before.get(key)!r} -> {value!r}"
+        for key, value in now.items()
+        if value not in (None, "auto") and key != "training.steps" and key in before and before[key] != value
+    ]
+    return step, differ

@@ -317,3 +317,14 @@ def test_quiet_matches_the_installed_megatron_messages() -> None:
     for noise in quiet.NOISE:
         if noise.via == "warnings":
             assert noise.starts_with in verbose_run.stderr, noise.starts_with
+
+
+def test_a_directory_as_config_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 20 item 10: a directory given as --config was reported as "not found"."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("training:\n  steps: 2\n")
+    assert main(["train", "--config", str(tmp_path / "recipes"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "is a directory (it holds mine.yaml): give the path of a YAML recipe file" in err[0]
+    )

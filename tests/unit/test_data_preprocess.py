@@ -85,3 +85,63 @@ def test_failure_leaves_no_output_and_truncation_is_detected(tmp_path, tokenizer
     data = (tmp_path / "ok.bin").read_bytes()
     (tmp_path / "ok.bin").write_bytes(data[:-2])
     assert not is_complete(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("trailing", ["/", ""])
+def test_output_prefix_that_is_a_directory_is_refused(tmp_path, tokenizer, trailing):
+    """issue 20 item 10: `--output-prefix DIR/` wrote DIR.bin beside the directory."""
+    (tmp_path / "in.txt").write_text("hello\n")
+    out = tmp_path / "out"
+    if not trailing:
+        out.mkdir()
+    with pytest.raises(DataError, match=r"is a directory; give a file prefix inside it"):
+        preprocess_files([tmp_path / "in.txt"], tokenizer, f"{out}{trailing}")
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
+
+
+def test_sigterm_removes_the_tmp_files_and_says_so(tmp_path, tokenizer):
+    """issue 20 item 10: SIGTERM left hidden tmp files of 80-90 MB and exited -15 silently."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "def f(x):\n    return x + 1\n" * 40}) + "\n"
+    big.write_text(line * 40000)
+    out = tmp_path / "data" / "x"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megaspan",
+            "preprocess",
+            "--input",
+            str(big),
+            "--tokenizer",
+            str(tokenizer.path),
+            "--output-prefix",
+            str(out),
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob(".x.*.tmp.bin")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in out.parent.iterdir()) == []

@@ -103,10 +103,21 @@ def test_runner_skips_finished_cells_and_reruns_the_rest(tmp_path, fake_python):
     assert "post-L4-s1 | diverged | val loss 3.5000" in progress[3]
     assert all("sweep ETA" in line for line in progress)
 
-    # Second run: completed and diverged cells are skipped; only the failed cell runs again.
+    # Second run: the failed cell is not started again (it used to be, at every run of the sweep,
+    # as "incomplete"): it shows as failed with its exit code, and the sweep still exits 1.
     (runs / "fixed").touch()
     lines.clear()
     code, results = run_local(expand(SWEEP), runs, python=fake_python, echo=lines.append)
+    assert code == 1 and len(_calls(runs)) == 4
+    assert any("pre-L4-s1 | skipped (failed (exit 1))" in line for line in lines), lines
+    from megaspan.report.collect import collect
+
+    assert {r.name: r.status for r in collect([runs])}["pre-L4-s1"] == "failed (exit 1)"
+
+    # Third run, asked to retry failed cells: completed and diverged cells are skipped; only the
+    # failed cell runs again.
+    lines.clear()
+    code, results = run_local(expand(SWEEP), runs, python=fake_python, echo=lines.append, retry_failed=True)
     assert code == 0
     calls = _calls(runs)
     assert len(calls) == 5 and "training.run_dir=" + str(runs / "pre-L4-s1") in calls[-1]
@@ -241,6 +252,32 @@ def test_cli_sweep_list_and_errors(tmp_path, capsys):
     assert main(["sweep", "no-such-sweep"]) == 2
     assert "megaspan: error: sweep file 'no-such-sweep' not found" in capsys.readouterr().err
     assert main(["sweep", "cpu-small", "notanoverride", "--runs", str(tmp_path)]) == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "message"),
+    [
+        ("config: tiny\naxes:\n  seed: [1]\n", ["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        ("config: tiny\naxes:\n  seed: [1]\n", ["--nproc", "-1"], "--nproc must be >= 1, got -1"),
+        (
+            "config: tiny\naxes:\n  seed: [1]\n  model.not_a_key: [1]\n",
+            [],
+            "unknown config key 'model.not_a_key'",
+        ),
+        ("config: no-such-recipe\naxes:\n  seed: [1]\n", [], "config file 'no-such-recipe' not found"),
+        ("config: tiny\naxes:\n  seed: []\n", [], "axis 'seed' has no values"),
+    ],
+)
+def test_sweep_list_refuses_a_broken_sweep(tmp_path, capsys, text, args, message):
+    """issue 20 item 10: --list accepted unknown keys, a missing recipe, --jobs 0, --nproc -1, and an
+    empty axis made a cell named '__'."""
+    from megaspan.cli import main
+
+    (tmp_path / "s.yaml").write_text("name: s\n" + text)
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--list", "--runs", str(tmp_path / "runs"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.slow

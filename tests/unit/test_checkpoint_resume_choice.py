@@ -120,8 +120,13 @@ def test_corrupt_run_dir_stops_resume_auto_and_resume_none_starts_over(tmp_path)
     ckpts = run / "checkpoints"
     _garble(ckpts / checkpoint_name(2))
     before = sorted(p.name for p in ckpts.iterdir())
+    # Two more steps: a resume (a same-settings re-run of a finished run is "already complete").
     again = subprocess.run(
-        train_cmd(run, *common), capture_output=True, text=True, env=clean_env(), timeout=600
+        train_cmd(run, *common, "training.steps=4"),
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=600,
     )
     assert again.returncode == 2, (again.returncode, again.stderr[-2000:])
     errors = [line for line in again.stderr.splitlines() if line.startswith("megaspan: error:")]

@@ -41,6 +41,7 @@ COMMANDS: tuple[str, ...] = (
     "bench",
     "sweep",
     "report",
+    "generate",
 )
 """Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 

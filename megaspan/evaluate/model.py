@@ -132,22 +132,47 @@ class LoadedModel:
         return out[..., : self.vocab_size].float()
 
 
-def _tokenizer(cfg, checkpoint: Path, meta: dict, override: str | None):
-    from megaspan.data.tokenizer import load_tokenizer, tokenizer_hash
+def _recorded_tokenizer(cfg, checkpoint: Path) -> str | None:
+    """The tokenizer file the run used: the checkpoint's config names it when the user set one;
+    a run that trained its own records the resolved path in its run dir's config.yaml."""
+    if cfg.tokenizer.model:
+        return cfg.tokenizer.model
+    run = run_dir_of(checkpoint)
+    if run is not None:
+        import yaml
 
-    path = override or cfg.tokenizer.model
-    if not path or not Path(path).exists():
-        raise CheckpointError(
-            f"{checkpoint} was trained with the tokenizer {path or '(none recorded)'}, which is not there: "
-            "pass --tokenizer PATH to the tokenizer.model it was trained with"
-        )
+        try:
+            resolved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        return (resolved.get("tokenizer") or {}).get("model")
+    return None
+
+
+def _tokenizer(cfg, checkpoint: Path, meta: dict, override: str | None):
+    from megaspan.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_hash
+
     saved = meta.get("tokenizer_hash")
-    if saved and tokenizer_hash(path) != saved:
+    path = override or _recorded_tokenizer(cfg, checkpoint)
+    if path and Path(path).exists():
+        if saved and tokenizer_hash(path) != saved:
+            raise CheckpointError(
+                f"tokenizer mismatch: {path} is not the tokenizer {checkpoint} was trained with (content "
+                f"hash {tokenizer_hash(path)[:12]}, the checkpoint's {saved[:12]}); pass --tokenizer PATH "
+                "to that one"
+            )
+        return load_tokenizer(path)
+    if override:
+        raise CheckpointError(f"--tokenizer {override} does not exist")
+    # The file is gone (a cleared cache): megaspan trains tokenizers deterministically from the
+    # config and corpus, so the same config rebuilds the same model, which the hash confirms.
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
+    if saved and tokenizer_hash(tokenizer.path) != saved:
         raise CheckpointError(
-            f"tokenizer mismatch: {path} is not the tokenizer {checkpoint} was trained with (content hash "
-            f"{tokenizer_hash(path)[:12]}, the checkpoint's {saved[:12]}); pass --tokenizer PATH to that one"
+            f"{checkpoint} was trained with a tokenizer that is no longer at {path or 'its cache path'} and "
+            "could not be rebuilt identically: pass --tokenizer PATH to the tokenizer.model it was trained with"
         )
-    return load_tokenizer(path)
+    return tokenizer
 
 
 def init_one_process(seed: int = 1234) -> None:

@@ -42,6 +42,7 @@ COMMANDS: tuple[str, ...] = (
     "sweep",
     "report",
     "generate",
+    "eval",
 )
 """Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 

@@ -54,7 +54,13 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+def next_token(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator, vocab_size: int | None = None
+) -> int:
+    """The next id from ``[v]`` logits; ids from ``vocab_size`` on (embedding padding) never."""
+    if vocab_size is not None and vocab_size < logits.numel():
+        logits = logits.clone()
+        logits[vocab_size:] = float("-inf")
     if sampling.temperature == 0:
         return int(torch.argmax(logits))
     filtered = filter_logits(logits.float().cpu() / sampling.temperature, sampling.top_k, sampling.top_p)
@@ -72,7 +78,7 @@ def generate_ids(model, prompt: list[int], sampling: Sampling, stop: set[int] | 
     for _ in range(sampling.max_new_tokens):
         window = ids[-model.max_length :]
         logits = model.logits(torch.tensor([window], dtype=torch.long))[0, -1]
-        token = next_token(logits, sampling, generator)
+        token = next_token(logits, sampling, generator, model.vocab_size)
         if stop and token in stop:
             break
         ids.append(token)

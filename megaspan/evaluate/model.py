@@ -110,7 +110,7 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        """The tokenizer's vocabulary: logits of the padding rows are never a token."""
+        """The tokenizer's vocabulary (ids at and above it are the embedding's padding rows)."""
         return self.tokenizer.vocab_size
 
     @property
@@ -121,15 +121,19 @@ class LoadedModel:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """fp32 next-token logits ``[b, s, vocab]`` of a ``[b, s]`` batch of token ids (plain causal
-        attention; positions 0..s-1, as in training)."""
+        """fp32 next-token logits ``[b, s, padded vocab]`` of a ``[b, s]`` batch of token ids (plain
+        causal attention; positions 0..s-1, as in training).
+
+        The padding rows are kept: training's loss is a softmax over the padded vocabulary, so
+        scores (and perplexities) equal megaspan's validation loss only with them; sampling masks
+        them (:func:`megaspan.evaluate.generate.next_token`)."""
         tokens = tokens.to(self.device)
         b, s = tokens.shape
         if s > self.max_length:
             raise ValueError(f"{s} tokens exceed the model's context of {self.max_length}")
         positions = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s)
         out = self.model(tokens, positions, None)
-        return out[..., : self.vocab_size].float()
+        return out.float()
 
 
 def _recorded_tokenizer(cfg, checkpoint: Path) -> str | None:

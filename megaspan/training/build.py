@@ -139,11 +139,12 @@ class Data:
     datasets: tuple  # (train, valid, test) map-style datasets of GPTDataset samples
     tokenizer_path: str | None = None
     tokenizer_hash: str | None = None  # content hash: recorded in config.yaml and every checkpoint
+    valid_sets: dict = dataclasses.field(default_factory=dict)  # data.valid_sets: {name: dataset}
 
 
 def build_data(cfg: MegaspanConfig) -> Data:
     """Tokenizer and datasets on every rank; rank 0 builds caches first."""
-    from megaspan.data.datasets import build_datasets
+    from megaspan.data.datasets import build_datasets, build_valid_sets
     from megaspan.data.tokenizer import build_tokenizer, tokenizer_hash
 
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
@@ -163,7 +164,15 @@ def build_data(cfg: MegaspanConfig) -> Data:
         # attention is plainly causal and a [s, s] mask per sample is wasted memory.
         create_attention_mask=cfg.data.reset_attention_mask,
     )
-    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path))
+    valid_sets = build_valid_sets(
+        cfg.data,
+        tokenizer,
+        cfg.model.seq_length,
+        cfg.training.seed,
+        _sample_counts(cfg)[1],
+        create_attention_mask=cfg.data.reset_attention_mask,
+    )
+    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path), valid_sets)
 
 
 def _on_rank0[T](action: Callable[[], T], *, everywhere: bool = False) -> T | None:
@@ -322,6 +331,7 @@ def build_trainer(
             tokenizer_hash=data.tokenizer_hash,
             run_dir_lock=lock,
         )
+        trainer.valid_sets = dict(data.valid_sets)
         _log_header(trainer, data, total_params)
         _restore(trainer, resume)
         # Only now, with every check passed: a failed start leaves the previous config.yaml.

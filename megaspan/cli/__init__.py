@@ -43,6 +43,7 @@ COMMANDS: tuple[str, ...] = (
     "report",
     "generate",
     "eval",
+    "export",
 )
 """Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 

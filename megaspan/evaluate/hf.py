@@ -3,7 +3,8 @@
 The folder holds ``model.safetensors`` (megaspan's state dict under Megatron-Core's names,
 fp32), ``config.json`` (a :class:`modeling_megaspan.MegaspanConfig` with ``auto_map``),
 ``modeling_megaspan.py`` (the one self-contained modeling file, every placement) and the
-sentencepiece ``tokenizer.model``. ``AutoModelForCausalLM.from_pretrained(DIR,
+sentencepiece ``tokenizer.model`` with its ``tokenizers`` equivalent (``tokenizer.json``,
+``AutoTokenizer``). ``AutoModelForCausalLM.from_pretrained(DIR,
 trust_remote_code=True)`` loads it offline.
 """
 
@@ -99,4 +100,32 @@ def export_hf(checkpoint: str, output: str, tokenizer: str | None = None) -> Pat
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     shutil.copy(MODELING_FILE, out / MODELING_FILE.name)
     shutil.copy(model.tokenizer.path, out / "tokenizer.model")
+    hf_tokenizer(model.tokenizer.path).save_pretrained(str(out))
     return out
+
+
+def hf_tokenizer(path):
+    """The sentencepiece model as a ``PreTrainedTokenizerFast`` that encodes like it.
+
+    transformers' own converter builds the ``tokenizers`` pipeline from the model's settings
+    (identity normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score);
+    no special token is added when encoding, as megaspan's preprocessing adds none before a text.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    if backend is None:
+        raise ConfigError(f"{path}: this sentencepiece model type has no Hugging Face tokenizer equivalent")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        add_bos_token=False,
+        add_eos_token=False,
+    )

@@ -8,6 +8,7 @@ file shows up as a logits difference far above fp32 rounding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -57,6 +58,25 @@ def test_hf_logits_equal_megaspans(mcore, tiny_corpus, tmp_path, placement, reco
     print(f"{placement}: max |HF - megaspan| logit = {diff:.3e} (logit scale {want.abs().max().item():.2f})")
     assert diff < 1e-4, diff
     assert json.loads((folder / "config.json").read_text())["norm_placement"] == placement
+
+
+def test_exported_tokenizer_encodes_like_sentencepiece(mcore, tiny_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megaspan.data.corpus import stdlib_documents
+
+    tokenizer, _ = tiny_corpus
+    _, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre")
+    folder = export_hf(str(path), str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    texts = [" Paris", "  two  spaces\n\tTab", "12345 digits 3.14", "ünïcödé ✓ 日本語 🙂", ""]
+    texts += [doc[:3000] for doc in itertools.islice(stdlib_documents("valid"), 40)]
+    assert len(texts) > 15
+    for text in texts:
+        ids = tokenizer.tokenize(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, text[:80]
+        assert hf.decode(ids) == tokenizer.detokenize(ids)
+    assert hf.eos_token_id == tokenizer.eod
 
 
 def test_hybrid_arch_exports_like_gpt(mcore, tiny_corpus, tmp_path):

@@ -21,7 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "trust_remote_code=True) loads it offline. Dense models only so far.",
     )
     add_checkpoint_args(p)
-    p.add_argument("--format", choices=("hf",), default="hf", help="default: hf")
+    p.add_argument(
+        "--format",
+        choices=("hf", "llama"),
+        default="hf",
+        help="hf (default): every placement, with the shipped modeling file; llama: a pre model as a "
+        "stock LlamaForCausalLM (RMSNorm, SwiGLU, RoPE, no biases)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="a new directory")
     p.set_defaults(func=run)
 
@@ -29,5 +35,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from megaspan.evaluate.hf import export_hf
 
-    print(f"exported: {export_hf(args.checkpoint, args.output, args.tokenizer)}")
+    print(f"exported: {export_hf(args.checkpoint, args.output, args.tokenizer, args.format)}")
     return 0

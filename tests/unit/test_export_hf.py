@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from megaspan.errors import ConfigError  # noqa: E402
 from megaspan.evaluate.hf import export_hf  # noqa: E402
 from megaspan.norms import available  # noqa: E402
 from tests.helpers.cli import clean_env  # noqa: E402
@@ -101,3 +102,27 @@ def test_moe_export_is_refused_in_one_line(mcore, tiny_corpus, tmp_path):
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "mixture-of-experts" in result.stderr
+
+
+def test_pre_exports_as_stock_llama(mcore, tiny_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    tokenizer, _ = tiny_corpus
+    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre")
+    folder = export_hf(str(path), str(tmp_path / "llama"), fmt="llama")
+    assert not (folder / "modeling_megaspan.py").exists()
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True
+    )
+    assert isinstance(model, LlamaForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.tensor([[tokenizer.eod, *tokenizer.tokenize("import os\ndef main(argv):\n    return 0")]])
+    with torch.no_grad():
+        want = chunk(ids, torch.arange(ids.shape[1]).unsqueeze(0), None).float()
+        got = model.eval()(input_ids=ids).logits
+    diff = (got - want).abs().max().item()
+    print(f"pre as Llama: max |HF - megaspan| logit = {diff:.3e}")
+    assert diff < 1e-4, diff
+    with pytest.raises(ConfigError, match="no stock Llama equivalent.*norm_placement=post"):
+        _, other, _ = save_tiny(tmp_path / "post", tokenizer, "post")
+        export_hf(str(other), str(tmp_path / "post-llama"), fmt="llama")

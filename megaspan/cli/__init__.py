@@ -41,6 +41,9 @@ COMMANDS: tuple[str, ...] = (
     "bench",
     "sweep",
     "report",
+    "generate",
+    "eval",
+    "export",
 )
 """Command modules under ``megaspan.cli``, in ``--help`` order. One entry per command."""
 

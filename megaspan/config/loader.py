@@ -171,6 +171,16 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     return cfg
 
 
+def config_from_dict(data: dict[str, Any]) -> MegaspanConfig:
+    """A config from a nested dict (a resolved ``config.yaml`` or a checkpoint's saved config),
+    with the same strict checks as a recipe."""
+    cfg = MegaspanConfig()
+    for key, value in data.items():
+        _assign(cfg, [str(key)], value)
+    cfg.model.norm = norm_options(cfg)
+    return cfg
+
+
 def norm_options(cfg: MegaspanConfig):
     """``model.norm`` resolved against ``model.norm_placement``: that placement's ``Options``.
 

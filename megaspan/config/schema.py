@@ -129,6 +129,9 @@ class DataConfig:
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    valid_sets: dict[str, str] = field(default_factory=dict)
+    """Extra validation sets, ``{name: indexed-dataset prefix}``: each is evaluated with the main
+    validation loss (``training.eval_steps`` batches) and logged as ``valid/<name>/loss`` and ppl."""
 
 
 @dataclass(kw_only=True)

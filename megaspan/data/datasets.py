@@ -149,6 +149,7 @@ def _check_index_size(stats: Sequence[tuple[int, int]], num_samples: int | None,
             "lower training.steps or add data"
         )
 
+
 def dataset_identity(data_cfg: DataConfig, tokenizer: SentencePieceTokenizer) -> dict:
     """The :func:`megaspan.data.identity.data_identity` record of the data ``data_cfg`` names
     (each prefix's sizes and ``.idx`` hash, the weights and split), recorded in every checkpoint.
@@ -160,6 +161,58 @@ def dataset_identity(data_cfg: DataConfig, tokenizer: SentencePieceTokenizer) ->
         return data_identity([str(p) for p in data_cfg.paths], data_cfg.weights, data_cfg.split, memo)
     prefixes = rank_zero_first(lambda: preprocess_stdlib(tokenizer, cache))
     return data_identity([prefixes["train"], prefixes["valid"]], None, None, memo)
+
+
+_VALID_SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def build_valid_sets(
+    data_cfg: DataConfig,
+    tokenizer: SentencePieceTokenizer,
+    seq_length: int,
+    seed: int,
+    num_samples: int,
+    *,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+    create_attention_mask: bool = True,
+) -> dict[str, Dataset | None]:
+    """``data.valid_sets`` as ``{name: GPTDataset}``: all of each prefix is validation data
+    (``num_samples`` samples, the main validation set's count). Same sampling as the main split."""
+    sets: dict[str, Dataset | None] = {}
+    for name, prefix in data_cfg.valid_sets.items():
+        if not _VALID_SET_NAME.match(str(name)):
+            raise DataError(
+                f"data.valid_sets: name '{name}' must be letters, digits, '_', '-' or '.' (it becomes the "
+                "TensorBoard tag valid/<name>/loss)"
+            )
+        if not isinstance(prefix, str) or not prefix:
+            raise DataError(
+                f"data.valid_sets.{name}: expected an indexed-dataset prefix (path without .bin/.idx)"
+            )
+        if not is_complete(Path(prefix)):
+            raise DataError(
+                f"data.valid_sets.{name}: {prefix}.bin/.idx not found or incomplete; write it with megaspan preprocess"
+            )
+        # Keyed on content like the main split's indices: a set replaced under the same prefix
+        # gets fresh indices, never the old ones.
+        index_cache = default_cache_dir(data_cfg.cache_dir) / "index_cache"
+        path_to_cache = index_cache / cache_key(data_identity([prefix], None, None, index_cache))
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=seq_length,
+            tokenizer=tokenizer,
+            path_to_cache=str(path_to_cache),
+            reset_position_ids=data_cfg.reset_position_ids,
+            reset_attention_mask=data_cfg.reset_attention_mask,
+            eod_mask_loss=data_cfg.eod_mask_loss,
+            create_attention_mask=create_attention_mask,
+            blend_per_split=[None, ([prefix], None), None],
+        )
+        with _index_cache_lock(index_cache):
+            _, sets[name], _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, [0, num_samples, 0], is_built_on_rank, config
+            ).build()
+    return sets
 
 
 @contextlib.contextmanager

@@ -141,11 +141,12 @@ class Data:
     tokenizer_path: str | None = None
     tokenizer_hash: str | None = None  # content hash: recorded in config.yaml and every checkpoint
     identity: dict | None = None  # prefixes, sizes, .idx hashes, blend: recorded in every checkpoint
+    valid_sets: dict = dataclasses.field(default_factory=dict)  # data.valid_sets: {name: dataset}
 
 
 def build_data(cfg: MegaspanConfig) -> Data:
     """Tokenizer and datasets on every rank; rank 0 builds caches first."""
-    from megaspan.data.datasets import build_datasets, dataset_identity
+    from megaspan.data.datasets import build_datasets, build_valid_sets, dataset_identity
     from megaspan.data.tokenizer import build_tokenizer, tokenizer_hash
 
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
@@ -166,7 +167,15 @@ def build_data(cfg: MegaspanConfig) -> Data:
         create_attention_mask=cfg.data.reset_attention_mask,
     )
     identity = dataset_identity(cfg.data, tokenizer)
-    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path), identity)
+    valid_sets = build_valid_sets(
+        cfg.data,
+        tokenizer,
+        cfg.model.seq_length,
+        cfg.training.seed,
+        _sample_counts(cfg)[1],
+        create_attention_mask=cfg.data.reset_attention_mask,
+    )
+    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path), identity, valid_sets)
 
 
 def _on_rank0[T](action: Callable[[], T], *, everywhere: bool = False) -> T | None:
@@ -340,6 +349,7 @@ def build_trainer(
             data_identity=data.identity,
             run_dir_lock=lock,
         )
+        trainer.valid_sets = dict(data.valid_sets)
         _log_header(trainer, data, total_params)
         _restore(trainer, resume)
         # Only now, with every check passed: a failed start leaves the previous config.yaml.

@@ -170,12 +170,15 @@ class MetricsLogger:
             scalars["train/mfu"] = mfu
         self._scalars(scalars, stats.step)
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, loss: float, name: str | None = None) -> None:
+        """The main validation loss (``valid/loss``), or a named ``data.valid_sets`` one
+        (``valid/<name>/loss``)."""
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 50.0))  # exp overflows for a diverged run; cap it
-        self.logger.info(f"valid loss {loss:.6f} | ppl {ppl:.3f} | step {step}")
-        self._scalars({"valid/loss": loss, "valid/ppl": ppl}, step)
+        tag = "valid" if name is None else f"valid/{name}"
+        self.logger.info(f"{tag} loss {loss:.6f} | ppl {ppl:.3f} | step {step}")
+        self._scalars({f"{tag}/loss": loss, f"{tag}/ppl": ppl}, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -152,6 +152,8 @@ class Trainer:
         self.progress = progress
         self.stop: StopRequest | None = None
         self.val_losses: list[tuple[int, float]] = []
+        self.valid_sets: dict = {}  # data.valid_sets: {name: dataset}, evaluated with valid_ds
+        self.named_val_losses: dict[str, list[tuple[int, float]]] = {}
         self.events: list[dict] = []  # guard events: {"step", "kind", "reason", "action"}
         self.diagnostics: dict = {}  # summary.json's "diagnostics" (the diagnostics hook fills it)
         self.resolved: dict = {}  # the resolved config, tokenizer hash, world, versions (build_trainer)
@@ -246,12 +248,12 @@ class Trainer:
         self.pending = None
         return result
 
-    def evaluate(self) -> float:
+    def evaluate(self, dataset=None) -> float:
         """Mean validation loss over the first ``eval_steps`` global batches (same ones each time,
-        so the curve is comparable across evaluations)."""
+        so the curve is comparable across evaluations) of ``dataset`` (default: the validation split)."""
         for chunk in self.objs.model:
             chunk.eval()
-        iterators = self.iterators(self.valid_ds, 0)
+        iterators = self.iterators(self.valid_ds if dataset is None else dataset, 0)
         loss_sum = tokens = 0.0
         try:
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Validation loss at step 0, every ``training.eval_interval`` steps and at the end."""
+"""Validation loss at step 0, every ``training.eval_interval`` steps and at the end; the named
+``data.valid_sets`` each at the same steps."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ class EvalHook(Hook):
         loss = trainer.evaluate()
         trainer.val_losses.append((step, loss))
         trainer.log.validation(step, loss)
+        for name, dataset in trainer.valid_sets.items():
+            named = trainer.evaluate(dataset)
+            trainer.named_val_losses.setdefault(name, []).append((step, named))
+            trainer.log.validation(step, named, name=name)
         self.last_eval = step
 
     def on_fit_start(self, trainer) -> None:

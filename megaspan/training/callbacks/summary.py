@@ -128,6 +128,15 @@ class SummaryHook(Hook):
             "config": self.config,
             "versions": self.versions,
         }
+        named = {
+            name: {"final_loss": _finite(losses[-1][1]), "best_loss": min(v for _, v in losses)}
+            for name, losses in trainer.named_val_losses.items()
+            if losses
+        }
+        if named or "valid_sets" in self.previous:
+            summary["valid_sets"] = {**self.previous.get("valid_sets", {}), **named}
+        if "eval" in self.previous:  # megaspan eval's scores of this run's checkpoints
+            summary["eval"] = self.previous["eval"]
         if not dist.is_initialized() or dist.get_rank() == 0:
             text = json.dumps(summary, indent=1, default=str) + "\n"
             guarded(self.path, lambda: write_atomic(self.path, text))

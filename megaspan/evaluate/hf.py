@@ -1,0 +1,223 @@
+"""``megaspan export``: a checkpoint as a Hugging Face ``transformers`` folder.
+
+The folder holds ``model.safetensors`` (megaspan's state dict under Megatron-Core's names,
+fp32), ``config.json`` (a :class:`modeling_megaspan.MegaspanConfig` with ``auto_map``),
+``modeling_megaspan.py`` (the one self-contained modeling file, every placement) and the
+sentencepiece ``tokenizer.model`` with its ``tokenizers`` equivalent (``tokenizer.json``,
+``AutoTokenizer``). ``AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)`` loads it offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from megaspan.errors import ConfigError, UserError
+
+MODELING_FILE = Path(__file__).with_name("modeling_megaspan.py")
+
+
+def hf_config(model, state: dict) -> dict:
+    """config.json for a loaded model (a :class:`~megaspan.evaluate.model.LoadedModel`)."""
+    cfg, t = model.cfg, model.model.config
+    m = cfg.model
+    activation = getattr(t.activation_func, "__name__", str(t.activation_func))
+    if activation not in ("silu", "gelu"):
+        raise ConfigError(f"model activation {activation} has no equivalent in the exported modeling file")
+    return {
+        "architectures": ["MegaspanForCausalLM"],
+        "model_type": "megaspan",
+        "auto_map": {
+            "AutoConfig": "modeling_megaspan.MegaspanConfig",
+            "AutoModelForCausalLM": "modeling_megaspan.MegaspanForCausalLM",
+        },
+        "vocab_size": state["embedding.word_embeddings.weight"].shape[0],
+        "hidden_size": t.hidden_size,
+        # Not t.num_layers: the hybrid stack counts each block's two halves as layers.
+        "num_layers": m.num_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_query_groups": t.num_query_groups or t.num_attention_heads,
+        "kv_channels": t.kv_channels,
+        "ffn_hidden_size": t.ffn_hidden_size,
+        "max_position_embeddings": model.max_length,
+        "position_embedding_type": m.position_embedding_type,
+        "rotary_base": m.rotary_base,
+        "normalization": t.normalization,
+        "layernorm_epsilon": t.layernorm_epsilon,
+        "gated_linear_unit": t.gated_linear_unit,
+        "activation": activation,
+        "add_bias_linear": t.add_bias_linear,
+        "norm_placement": m.norm_placement,
+        "norm_options": dataclasses.asdict(m.norm),
+        "final_norm": "decoder.final_layernorm.weight" in state,
+        # The head is saved as its own tensor (a copy when megaspan ties it): no tying to resolve.
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": model.tokenizer.eod,
+        "eos_token_id": model.tokenizer.eod,
+        "pad_token_id": model.tokenizer.pad if model.tokenizer.pad >= 0 else None,
+    }
+
+
+def export_hf(checkpoint: str, output: str, tokenizer: str | None = None, fmt: str = "hf") -> Path:
+    """``fmt="hf"``: any placement, with the shipped modeling file; ``fmt="llama"``: a ``pre``
+    model as a stock ``LlamaForCausalLM`` (refused in one line when the config differs)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError(
+            "megaspan export needs safetensors and transformers: pip install 'megaspan[eval]'"
+        ) from None
+    from megaspan.evaluate.model import load_model
+    from megaspan.models.convert import hybrid_to_gpt_state_dict
+
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output {out} exists and is not empty: name a new directory")
+    from megaspan.evaluate.model import resolve_checkpoint, saved_config
+
+    path = resolve_checkpoint(checkpoint)
+    experts = (saved_config(path).get("model", {}).get("moe") or {}).get("num_experts")
+    if experts:  # before loading: nothing is read for a model that cannot be exported
+        raise ConfigError(
+            f"{path} is a mixture-of-experts model (model.moe.num_experts={experts}): megaspan export "
+            "writes dense models only so far; score it with megaspan eval instead"
+        )
+    model = load_model(path, tokenizer=tokenizer)
+    state = {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in model.model.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
+    if model.cfg.model.arch == "hybrid":
+        state = hybrid_to_gpt_state_dict(state)
+    if "output_layer.weight" not in state:
+        state["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
+    if fmt == "llama":
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            llama_folder(model, state, out)
+        except ConfigError:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+    else:
+        config = hf_config(model, state)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        shutil.copy(MODELING_FILE, out / MODELING_FILE.name)
+    shutil.copy(model.tokenizer.path, out / "tokenizer.model")
+    hf_tokenizer(model.tokenizer.path).save_pretrained(str(out))
+    return out
+
+
+def hf_tokenizer(path):
+    """The sentencepiece model as a ``PreTrainedTokenizerFast`` that encodes like it.
+
+    transformers' own converter builds the ``tokenizers`` pipeline from the model's settings
+    (identity normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score);
+    no special token is added when encoding, as megaspan's preprocessing adds none before a text.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    if backend is None:
+        raise ConfigError(f"{path}: this sentencepiece model type has no Hugging Face tokenizer equivalent")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        add_bos_token=False,
+        add_eos_token=False,
+    )
+
+
+def llama_folder(model, state: dict, out: Path) -> None:
+    """A ``pre`` model as a stock ``LlamaForCausalLM`` (no remote code): RMSNorm, SwiGLU, RoPE, no
+    biases, final norm. Megatron's per-group fused QKV is split into q/k/v projections and the
+    fused SwiGLU ``linear_fc1`` into gate (its activated first half) and up."""
+    from safetensors.torch import save_file
+
+    m, t = model.cfg.model, model.model.config
+    why = []
+    if m.norm_placement != "pre":
+        why.append(f"model.norm_placement={m.norm_placement} (Llama is Pre-LN)")
+    if t.normalization != "RMSNorm":
+        why.append(f"model.normalization={t.normalization}")
+    if not t.gated_linear_unit or getattr(t.activation_func, "__name__", "") != "silu":
+        why.append("an MLP other than SwiGLU")
+    if m.position_embedding_type != "rope":
+        why.append(f"model.position_embedding_type={m.position_embedding_type}")
+    if t.add_bias_linear:
+        why.append("linear biases")
+    if "decoder.final_layernorm.weight" not in state:
+        why.append("no final norm")
+    if why:
+        raise ConfigError(
+            f"{model.checkpoint} has no stock Llama equivalent ({'; '.join(why)}): export it with --format hf"
+        )
+    heads, groups, hn = t.num_attention_heads, t.num_query_groups or t.num_attention_heads, t.kv_channels
+    rep = heads // groups
+    tensors = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+        "lm_head.weight": state["output_layer.weight"],
+    }
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = state[src + "self_attention.linear_qkv.weight"].view(groups, (rep + 2) * hn, -1)
+        q, k, v = torch_split(qkv, [rep * hn, hn, hn])
+        fc1 = state[src + "mlp.linear_fc1.weight"]
+        gate, up = fc1.chunk(2, dim=0)
+        tensors |= {
+            dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
+            dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
+            dst + "self_attn.q_proj.weight": q.reshape(heads * hn, -1),
+            dst + "self_attn.k_proj.weight": k.reshape(groups * hn, -1),
+            dst + "self_attn.v_proj.weight": v.reshape(groups * hn, -1),
+            dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
+            dst + "mlp.gate_proj.weight": gate,
+            dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
+        }
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": state["embedding.word_embeddings.weight"].shape[0],
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "head_dim": hn,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_length,
+        "rms_norm_eps": t.layernorm_epsilon,
+        "rope_theta": float(m.rotary_base),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": model.tokenizer.eod,
+        "eos_token_id": model.tokenizer.eod,
+        "pad_token_id": model.tokenizer.pad if model.tokenizer.pad >= 0 else None,
+    }
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+def torch_split(qkv, sizes: list[int]):
+    import torch
+
+    return torch.split(qkv, sizes, dim=1)

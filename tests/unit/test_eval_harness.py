@@ -1,0 +1,228 @@
+"""``megaspan eval``: the lm-evaluation-harness adapter scores exactly what the model computes.
+
+Offline: the tasks are YAMLs written here over local JSON files (``dataset_path: json``). The
+references are computed without the adapter: log-likelihoods from the saved model's own logits,
+and the rolling log-likelihood against megaspan's training loss path (``forward_step`` +
+``loss_func``, what validation runs) over the same tokens cut into the same GPTDataset-style
+samples. A wrong prefix token, a shifted continuation, a padding leak across a batch or a wrong
+window each breaks one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from megaspan.evaluate.harness import MegaspanLM, evaluate_tasks  # noqa: E402
+from megaspan.evaluate.model import load_model  # noqa: E402
+from tests.helpers.cli import clean_env  # noqa: E402
+from tests.helpers.evaluate import save_tiny  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+SEQ = 32
+QUESTIONS = [
+    ("The capital of France is", [" Paris", " London", " a dog"], 0),
+    ("def main():\n   ", [" return 0", " pass", "print(x)"], 1),
+    ("for i in", [" range(10):", " the garden", " 42"], 0),
+    ("", [" hello", " world"], 1),  # empty context: scored after the prefix token alone
+]
+TEXT = (
+    "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
+    "        print(name, os.path.getsize(os.path.join(argv[1], name)))\n    return 0\n\n\n"
+    "if __name__ == '__main__':\n    sys.exit(main(sys.argv))\n"
+) * 3
+
+
+def _tasks(tmp_path: Path, text: str) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "mc.jsonl", "w") as f:
+        for question, choices, answer in QUESTIONS:
+            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
+    (data / "ppl.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(
+        f"""task: megaspan_test_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+    )
+    (tasks / "ppl.yaml").write_text(
+        f"""task: megaspan_test_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data / "ppl.jsonl"}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+    )
+    return tasks
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+
+
+def _request_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """(EOD + the text's ids, how many of them are the continuation), split as lm-eval documents
+    it: trailing whitespace of the context belongs to the continuation, and the continuation is
+    what the whole text's ids add after as many ids as the context alone has."""
+    stripped = context.rstrip()
+    whole = tokenizer.tokenize(context + continuation)
+    ctx = tokenizer.tokenize(stripped) if stripped else []
+    return [tokenizer.eod, *ctx, *whole[len(ctx) :]], len(whole) - len(ctx)
+
+
+def _direct_loglikelihood(chunk, ids: list[int], n_cont: int) -> tuple[float, bool]:
+    with torch.no_grad():
+        logits = chunk(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1).unsqueeze(0), None)[0]
+    logp = torch.log_softmax(logits.float(), -1)[-n_cont:]
+    target = torch.tensor(ids[-n_cont:])
+    return float(logp.gather(1, target.unsqueeze(1)).sum()), bool((logp.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_loglikelihood_equals_the_models_logits(mcore, tiny_corpus, tmp_path, batch_size):
+    from lm_eval.api.instance import Instance
+
+    tokenizer, _ = tiny_corpus
+    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, seq_length=SEQ)
+    lm = MegaspanLM(load_model(path), batch_size=batch_size)
+    pairs = [(q, c) for q, choices, _ in QUESTIONS for c in choices]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        want = _direct_loglikelihood(chunk, *_request_ids(tokenizer, context, continuation))
+        assert logprob == pytest.approx(want[0], rel=1e-5, abs=1e-5), (context, continuation)
+        assert greedy == want[1]
+
+
+def _megaspan_validation_loss(chunk, samples: list[list[int]]) -> float:
+    """Mean token loss over samples of SEQ + 1 tokens through the trainer's forward_step/loss_func."""
+    from megaspan.training.trainer import forward_step
+
+    loss_sum = count = 0.0
+    with torch.no_grad():
+        for sample in samples:
+            t = torch.tensor([sample])
+            batch = {
+                "tokens": t[:, :-1],
+                "labels": t[:, 1:],
+                "loss_mask": torch.ones(1, SEQ),
+                "position_ids": torch.arange(SEQ).unsqueeze(0),
+            }
+            output, loss_fn = forward_step(False, iter([batch]), chunk)
+            s, n, _ = loss_fn(output)
+            loss_sum, count = loss_sum + float(s), count + float(n)
+    return loss_sum / count
+
+
+def _text_of_whole_windows(tokenizer) -> tuple[str, list[int]]:
+    """A prefix of TEXT whose token count is a multiple of SEQ (>= 3 windows), so the harness's
+    disjoint windows are exactly GPTDataset's samples of the document stream ``EOD + text``."""
+    words = TEXT.split(" ")
+    for n in range(len(words), 0, -1):
+        text = " ".join(words[:n])
+        ids = tokenizer.tokenize(text)
+        if len(ids) % SEQ == 0 and len(ids) >= 3 * SEQ:
+            return text, ids
+    raise AssertionError("no prefix of TEXT has a whole number of windows")
+
+
+def test_rolling_loglikelihood_equals_megaspans_validation_loss(mcore, tiny_corpus, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    tokenizer, _ = tiny_corpus
+    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, seq_length=SEQ)
+    lm = MegaspanLM(load_model(path), batch_size=2)
+    text, ids = _text_of_whole_windows(tokenizer)
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    stream = [tokenizer.eod, *ids]
+    samples = [stream[k : k + SEQ + 1] for k in range(0, len(ids), SEQ)]
+    assert -total / len(ids) == pytest.approx(_megaspan_validation_loss(chunk, samples), rel=1e-5)
+
+
+def test_local_tasks_through_simple_evaluate(mcore, tiny_corpus, tmp_path, offline):
+    tokenizer, _ = tiny_corpus
+    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, seq_length=SEQ)
+    text, ids = _text_of_whole_windows(tokenizer)
+    tasks = _tasks(tmp_path, text)
+    lm = MegaspanLM(load_model(path), batch_size=4)
+    out = evaluate_tasks(lm, ["megaspan_test_mc", "megaspan_test_ppl"], include_path=str(tasks))
+    # Accuracy: the choice with the highest direct log-likelihood, per question.
+    correct = 0
+    for question, choices, answer in QUESTIONS:
+        scores = [_direct_loglikelihood(chunk, *_request_ids(tokenizer, question, c))[0] for c in choices]
+        correct += max(range(len(choices)), key=scores.__getitem__) == answer
+    assert out["results"]["megaspan_test_mc"]["acc,none"] == pytest.approx(correct / len(QUESTIONS))
+    # Bits per byte: the summed token loss over the text's UTF-8 bytes, in bits.
+    stream = [tokenizer.eod, *ids]
+    loss = _megaspan_validation_loss(chunk, [stream[k : k + SEQ + 1] for k in range(0, len(ids), SEQ)])
+    bpb = loss * len(ids) / len(text.encode()) / math.log(2)
+    assert out["results"]["megaspan_test_ppl"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-5)
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megaspan", "eval", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(**env),
+        timeout=600,
+    )
+
+
+def test_cli_writes_json_and_the_run_summary_and_refuses_unknown_tasks(mcore, tiny_corpus, tmp_path):
+    tokenizer, _ = tiny_corpus
+    run = tmp_path / "run"
+    _, path, _ = save_tiny(run / "checkpoints", tokenizer, seq_length=SEQ)
+    (run / "config.yaml").write_text("{}\n")  # what makes the parent a run dir
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    text, _ = _text_of_whole_windows(tokenizer)
+    tasks = _tasks(tmp_path, text)
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    out = tmp_path / "scores.json"
+    ok = _cli(
+        "--checkpoint", str(run), "--tasks", "megaspan_test_mc", "--include-path", str(tasks),
+        "--output", str(out), "--limit", "2", **env,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    scores = json.loads(out.read_text())
+    assert scores["n-samples"]["megaspan_test_mc"]["effective"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"  # merged, not replaced
+    assert (
+        summary["eval"]["megaspan_test_mc"]["acc,none"] == scores["results"]["megaspan_test_mc"]["acc,none"]
+    )
+    bad = _cli("--checkpoint", str(run), "--tasks", "no_such_task_xyz", "--include-path", str(tasks), **env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-3000:]
+    assert "unknown lm-eval task no_such_task_xyz" in bad.stderr

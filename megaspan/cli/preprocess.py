@@ -26,7 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help=".txt / .jsonl files or directories of them, in this order",
     )
-    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece .model file")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="MODEL",
+        help="sentencepiece .model, Hugging Face tokenizer.json, or a local HF tokenizer directory",
+    )
+    p.add_argument(
+        "--tokenizer-type",
+        choices=("sentencepiece", "huggingface"),
+        help="default: inferred (.json file or directory = huggingface)",
+    )
+    p.add_argument(
+        "--eod-token",
+        metavar="TOKEN",
+        help="Hugging Face tokenizers: the token appended after each document (default: its EOS)",
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
     p.add_argument(
@@ -45,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     stats = preprocess_files(
         args.input,
-        load_tokenizer(args.tokenizer),
+        load_tokenizer(args.tokenizer, type=args.tokenizer_type, eod_token=args.eod_token),
         args.output_prefix,
         text_key=args.text_key,
         workers=args.workers,

@@ -49,11 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--cache-dir", help="default: $MEGASPAN_CACHE_DIR or ~/.cache/megaspan")
 
     encode = actions.add_parser("encode", help="text (argument or stdin) -> token ids")
-    encode.add_argument("--model", required=True, help="sentencepiece .model file")
+    encode.add_argument(
+        "--model", required=True, help="sentencepiece .model, tokenizer.json, or HF tokenizer directory"
+    )
     encode.add_argument("text", nargs="?", help="text to encode; default: read stdin")
 
     decode = actions.add_parser("decode", help="token ids (arguments or stdin) -> text")
-    decode.add_argument("--model", required=True, help="sentencepiece .model file")
+    decode.add_argument(
+        "--model", required=True, help="sentencepiece .model, tokenizer.json, or HF tokenizer directory"
+    )
     decode.add_argument("ids", nargs="*", help="token ids; default: whitespace-separated on stdin")
 
 

@@ -129,7 +129,14 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TokenizerConfig:
     model: Optional[str] = None
-    """Path to an existing sentencepiece .model; None = train one on the corpus (cached by hash)."""
+    """An existing tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, or a local HF
+    tokenizer directory; None = train a sentencepiece model on the corpus (cached by hash)."""
+    type: Optional[Literal["sentencepiece", "huggingface"]] = None
+    """None = from tokenizer.model: a .json file or a directory is huggingface, else sentencepiece."""
+    eod_token: Optional[str] = None
+    """Hugging Face only: the token appended after each document; None = the tokenizer's EOS."""
+    bos_token: Optional[str] = None
+    """Hugging Face only: the BOS token; None = the tokenizer's own, if any."""
     vocab_size: int = 4096
     model_type: Literal["bpe", "unigram"] = "bpe"
     max_train_sentences: int = 200000

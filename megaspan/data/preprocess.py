@@ -30,13 +30,16 @@ import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy
 
 from megaspan.data import DataError
 from megaspan.data.corpus import expand_inputs, iter_documents, stdlib_corpus, stdlib_documents, stdlib_files
-from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir
+from megaspan.data.tokenizer import default_cache_dir
+
+if TYPE_CHECKING:
+    from megaspan.data.tokenizer import Tokenizer
 
 _CHUNKSIZE = 8
 """Documents per pool task: big enough to amortize IPC, small enough to balance long files."""
@@ -60,7 +63,7 @@ class PreprocessStats:
 
 def preprocess_documents(
     documents: Iterable[str],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     output_prefix: str | os.PathLike[str],
     *,
     workers: int = 1,
@@ -102,7 +105,7 @@ def preprocess_documents(
 
 def preprocess_files(
     inputs: Sequence[str | os.PathLike[str]],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     output_prefix: str | os.PathLike[str],
     *,
     text_key: str = "text",
@@ -123,7 +126,7 @@ def preprocess_files(
 
 
 def preprocess_stdlib(
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     workers: int | None = None,
@@ -188,24 +191,23 @@ def is_complete(prefix: str | os.PathLike[str]) -> bool:
     return sequences > 0 and bin_path.stat().st_size == tokens * itemsize
 
 
-def _encode_all(
-    documents: Iterable[str], tokenizer: SentencePieceTokenizer, workers: int
-) -> Iterator[numpy.ndarray]:
+def _encode_all(documents: Iterable[str], tokenizer: Tokenizer, workers: int) -> Iterator[numpy.ndarray]:
     texts = (text for text in documents if text)
     if workers <= 1:
         yield from (_encode_with(tokenizer, text) for text in texts)
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+    # The tokenizer pickles as its files (+ special-token choice) and is rebuilt in each worker.
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         yield from pool.imap(_encode, texts, chunksize=_CHUNKSIZE)
 
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model_path: Path) -> None:
+def _init_worker(tokenizer: Tokenizer) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(model_path)
+    _worker_tokenizer = tokenizer
 
 
 def _encode(text: str) -> numpy.ndarray:
@@ -213,7 +215,7 @@ def _encode(text: str) -> numpy.ndarray:
     return _encode_with(_worker_tokenizer, text)
 
 
-def _encode_with(tokenizer: SentencePieceTokenizer, text: str) -> numpy.ndarray:
+def _encode_with(tokenizer: Tokenizer, text: str) -> numpy.ndarray:
     ids = tokenizer.tokenize(text)
     ids.append(tokenizer.eod)
     return numpy.asarray(ids, dtype=numpy.int32)

@@ -144,7 +144,7 @@ class Data:
 def build_data(cfg: MegaspanConfig) -> Data:
     """Tokenizer and datasets on every rank; rank 0 builds caches first."""
     from megaspan.data.datasets import build_datasets
-    from megaspan.data.tokenizer import build_tokenizer, tokenizer_hash
+    from megaspan.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
@@ -163,7 +163,7 @@ def build_data(cfg: MegaspanConfig) -> Data:
         # attention is plainly causal and a [s, s] mask per sample is wasted memory.
         create_attention_mask=cfg.data.reset_attention_mask,
     )
-    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path))
+    return Data(vocab, datasets, str(tokenizer.path), tokenizer.sha256)
 
 
 def _on_rank0[T](action: Callable[[], T], *, everywhere: bool = False) -> T | None:

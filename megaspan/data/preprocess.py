@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, TextIO
 import numpy
 
 from megaspan.data import DataError
-from megaspan.data.corpus import expand_inputs, iter_documents, stdlib_corpus, stdlib_documents, stdlib_files
+from megaspan.data.corpus import (
+    count_rows,
+    expand_inputs,
+    hf_dataset_documents,
+    iter_documents,
+    stdlib_corpus,
+    stdlib_documents,
+    stdlib_files,
+)
 from megaspan.data.tokenizer import default_cache_dir
 
 if TYPE_CHECKING:
@@ -112,16 +120,37 @@ def preprocess_files(
     workers: int = 1,
     progress: bool = True,
 ) -> PreprocessStats:
-    """Preprocess ``.txt`` (one document per file) and ``.jsonl`` files, in the given order.
+    """Preprocess ``.txt`` (one document per file), ``.jsonl[.gz|.zst]`` and ``.parquet`` files
+    (and globs of them), in the given order.
 
-    Input paths are checked before anything is written (or megatron is imported).
+    Input paths (and parquet text columns) are checked before anything is written (or megatron
+    is imported).
     """
+    files = expand_inputs(inputs, text_key)
     return preprocess_documents(
-        iter_documents(expand_inputs(inputs), text_key),
+        iter_documents(files, text_key),
         tokenizer,
         output_prefix,
         workers=workers,
         progress=progress,
+        expected_documents=count_rows(files),
+    )
+
+
+def preprocess_hf_dataset(
+    spec: str,
+    tokenizer: Tokenizer,
+    output_prefix: str | os.PathLike[str],
+    *,
+    text_key: str = "text",
+    workers: int = 1,
+    progress: bool = True,
+) -> PreprocessStats:
+    """Preprocess a Hugging Face dataset ``NAME[:CONFIG][:SPLIT]`` (see
+    :func:`megaspan.data.corpus.hf_dataset_documents`); it is opened before anything is written."""
+    documents, rows = hf_dataset_documents(spec, text_key)
+    return preprocess_documents(
+        documents, tokenizer, output_prefix, workers=workers, progress=progress, expected_documents=rows
     )
 
 

@@ -167,3 +167,44 @@ def test_hf_dataset_saved_to_disk_reloads_offline_identical_to_jsonl(tmp_path, t
     )
     assert no_split.returncode == 2 and "no split 'test' (splits: train, validation)" in no_split.stderr
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m.*"))
+
+
+@pytest.mark.integration  # kills a megaspan subprocess
+def test_killed_preprocess_leaves_no_pair_training_would_accept_and_a_rerun_completes(tmp_path, tok):
+    import signal
+    import time
+
+    from megaspan.data.datasets import _token_count
+    from megaspan.data.preprocess import is_complete
+
+    docs = [f"row {i}: " + DOCS[i % len(DOCS)] for i in range(20000)]
+    shards = _write_shards(tmp_path / "pq", docs, shards=3, row_group_size=2000)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megaspan",
+        "preprocess",
+        "--quiet",
+        "--workers",
+        "1",
+        "--tokenizer",
+        str(tok.path),
+    ]
+    cmd += ["--input", str(shards), "--output-prefix", str(out / "x")]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [p for p in out.glob(".x.*.bin")] if out.exists() else []
+        if partial and partial[0].stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "preprocess finished before it could be interrupted; make the corpus larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (out / "x.bin").exists() and not (out / "x.idx").exists() and not is_complete(out / "x")
+    with pytest.raises(DataError, match="not found; create it with"):
+        _token_count(str(out / "x"))
+    rerun = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert is_complete(out / "x") and _token_count(str(out / "x")) > 0

@@ -31,10 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input",
         nargs="+",
         metavar="FILE",
-        help=".txt (one document per file) / .jsonl files or directories; "
-        "default: the embedded stdlib corpus",
+        help=".txt (one document per file) / .jsonl[.gz|.zst] / .parquet files, directories or "
+        "glob patterns; default: the embedded stdlib corpus",
     )
-    train.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
+    train.add_argument(
+        "--text-key", default="text", help="field / column holding the text (.jsonl, .parquet)"
+    )
     train.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     train.add_argument("--model-type", choices=("bpe", "unigram"), default=defaults.model_type)
     train.add_argument(

@@ -47,6 +47,7 @@ def test_parquet_tokenizer_json_wandb_offline_resume(tmp_path, capsys):
         f"tokenizer.model={tok}",
         f"data.paths=[{prefix}]",
         "logging.log_interval=1",
+        "logging.diagnostics_interval=2",
         "training.eval_interval=2",
         "logging.wandb.project=byo",
         "logging.wandb.mode=offline",
@@ -65,7 +66,13 @@ def test_parquet_tokenizer_json_wandb_offline_resume(tmp_path, capsys):
 
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2 and all(run_ids(f) == {run_id} for f in files)  # one W&B run, two parts
-    for tag in ("train/loss", "valid/loss", "train/lr"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board_tags = EventAccumulator(str(run_dir / "tensorboard"))
+    board_tags.Reload()
+    tags = board_tags.Tags()["scalars"]
+    assert {"train/loss", "valid/loss", "train/lr"} <= set(tags) and any(t.startswith("diag/") for t in tags)
+    for tag in tags:  # every TensorBoard scalar, diagnostics included, is in W&B with its values
         logged = {**history(files[0], tag), **history(files[1], tag)}
         board = scalars(run_dir, tag)
         assert sorted(logged) == sorted(board) and board, tag

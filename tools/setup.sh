@@ -40,5 +40,5 @@ fi
 # torch first, pinned: the PyPI build for 3.12 is the CUDA one and runs on CPU too; pinning keeps
 # reinstalls on pip's cache instead of pulling a newer multi-GB release.
 .venv/bin/python -m pip install --quiet "torch==${MEGASPAN_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install --quiet -e ".[test,eval]"
+.venv/bin/python -m pip install --quiet -e ".[test,eval,data,wandb]"
 .venv/bin/python -c 'import megatron.core, megaspan; print("megaspan", megaspan.__version__, "megatron-core", megatron.core.__version__)' 2>/dev/null

@@ -31,10 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input",
         nargs="+",
         metavar="FILE",
-        help=".txt (one document per file) / .jsonl files or directories; "
-        "default: the embedded stdlib corpus",
+        help=".txt (one document per file) / .jsonl[.gz|.zst] / .parquet files, directories or "
+        "glob patterns; default: the embedded stdlib corpus",
     )
-    train.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
+    train.add_argument(
+        "--text-key", default="text", help="field / column holding the text (.jsonl, .parquet)"
+    )
     train.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     train.add_argument("--model-type", choices=("bpe", "unigram"), default=defaults.model_type)
     train.add_argument(
@@ -49,11 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--cache-dir", help="default: $MEGASPAN_CACHE_DIR or ~/.cache/megaspan")
 
     encode = actions.add_parser("encode", help="text (argument or stdin) -> token ids")
-    encode.add_argument("--model", required=True, help="sentencepiece .model file")
+    encode.add_argument(
+        "--model", required=True, help="sentencepiece .model, tokenizer.json, or HF tokenizer directory"
+    )
     encode.add_argument("text", nargs="?", help="text to encode; default: read stdin")
 
     decode = actions.add_parser("decode", help="token ids (arguments or stdin) -> text")
-    decode.add_argument("--model", required=True, help="sentencepiece .model file")
+    decode.add_argument(
+        "--model", required=True, help="sentencepiece .model, tokenizer.json, or HF tokenizer directory"
+    )
     decode.add_argument("ids", nargs="*", help="token ids; default: whitespace-separated on stdin")
 
 

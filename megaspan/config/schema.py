@@ -137,7 +137,14 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TokenizerConfig:
     model: Optional[str] = None
-    """Path to an existing sentencepiece .model; None = train one on the corpus (cached by hash)."""
+    """An existing tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, or a local HF
+    tokenizer directory; None = train a sentencepiece model on the corpus (cached by hash)."""
+    type: Optional[Literal["sentencepiece", "huggingface"]] = None
+    """None = from tokenizer.model: a .json file or a directory is huggingface, else sentencepiece."""
+    eod_token: Optional[str] = None
+    """Hugging Face only: the token appended after each document; None = the tokenizer's EOS."""
+    bos_token: Optional[str] = None
+    """Hugging Face only: the BOS token; None = the tokenizer's own, if any."""
     vocab_size: int = 4096
     model_type: Literal["bpe", "unigram"] = "bpe"
     max_train_sentences: int = 200000
@@ -223,12 +230,32 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging (pip install 'megaspan[wandb]'), written by rank 0 beside TensorBoard."""
+
+    project: Optional[str] = None
+    """None = W&B off."""
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    """None = the run dir's name."""
+    group: Optional[str] = None
+    """`megaspan sweep` sets it to the sweep's name."""
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline: write <dir>/wandb/offline-run-* to upload later with `wandb sync`; the WANDB_MODE
+    environment variable, when set, wins."""
+    dir: Optional[str] = None
+    """Where W&B writes its files (a wandb/ folder inside); None = the run dir."""
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
     diagnostics_interval: Optional[int] = None
     """Per-layer stability diagnostics every N steps; None = off."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(kw_only=True)

@@ -48,16 +48,19 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from torch.utils.data import Dataset
 
 from megaspan.data import DataError
+from megaspan.data.hf_tokenizer import HuggingFaceTokenizer
 from megaspan.data.identity import cache_key, data_identity
 from megaspan.data.preprocess import index_stats, is_complete, preprocess_stdlib
 from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir, rank_zero_first
 
 if TYPE_CHECKING:
     from megaspan.config.schema import DataConfig
+    from megaspan.data.tokenizer import Tokenizer
 
 # Megatron annotates GPTDatasetConfig.tokenizer as MegatronTokenizerBase; our tokenizer provides
 # everything the datasets read without importing megatron, so declare it a virtual subclass.
 MegatronTokenizerBase.register(SentencePieceTokenizer)
+MegatronTokenizerBase.register(HuggingFaceTokenizer)
 
 SPLIT_NAMES = ("train", "valid", "test")
 Blend = tuple[list[str], list[float] | None]
@@ -65,7 +68,7 @@ Blend = tuple[list[str], list[float] | None]
 
 def build_datasets(
     data_cfg: DataConfig,
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     seq_length: int,
     seed: int,
     num_samples: tuple[int | None, int | None, int | None],

@@ -30,13 +30,24 @@ import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy
 
 from megaspan.data import DataError
-from megaspan.data.corpus import expand_inputs, iter_documents, stdlib_corpus, stdlib_documents, stdlib_files
-from megaspan.data.tokenizer import SentencePieceTokenizer, default_cache_dir
+from megaspan.data.corpus import (
+    count_rows,
+    expand_inputs,
+    hf_dataset_documents,
+    iter_documents,
+    stdlib_corpus,
+    stdlib_documents,
+    stdlib_files,
+)
+from megaspan.data.tokenizer import default_cache_dir
+
+if TYPE_CHECKING:
+    from megaspan.data.tokenizer import Tokenizer
 
 _CHUNKSIZE = 8
 """Documents per pool task: big enough to amortize IPC, small enough to balance long files."""
@@ -60,7 +71,7 @@ class PreprocessStats:
 
 def preprocess_documents(
     documents: Iterable[str],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     output_prefix: str | os.PathLike[str],
     *,
     workers: int = 1,
@@ -114,29 +125,51 @@ def check_output_prefix(output_prefix: str | os.PathLike[str]) -> None:
 
 def preprocess_files(
     inputs: Sequence[str | os.PathLike[str]],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     output_prefix: str | os.PathLike[str],
     *,
     text_key: str = "text",
     workers: int = 1,
     progress: bool = True,
 ) -> PreprocessStats:
-    """Preprocess ``.txt`` (one document per file) and ``.jsonl`` files, in the given order.
+    """Preprocess ``.txt`` (one document per file), ``.jsonl[.gz|.zst]`` and ``.parquet`` files
+    (and globs of them), in the given order.
 
-    Input paths are checked before anything is written (or megatron is imported).
+    Input paths (and parquet text columns) are checked before anything is written (or megatron
+    is imported).
     """
     check_output_prefix(output_prefix)
+    files = expand_inputs(inputs, text_key)
     return preprocess_documents(
-        iter_documents(expand_inputs(inputs), text_key),
+        iter_documents(files, text_key),
         tokenizer,
         output_prefix,
         workers=workers,
         progress=progress,
+        expected_documents=count_rows(files),
+    )
+
+
+def preprocess_hf_dataset(
+    spec: str,
+    tokenizer: Tokenizer,
+    output_prefix: str | os.PathLike[str],
+    *,
+    text_key: str = "text",
+    workers: int = 1,
+    progress: bool = True,
+) -> PreprocessStats:
+    """Preprocess a Hugging Face dataset ``NAME[:CONFIG][:SPLIT]`` (see
+    :func:`megaspan.data.corpus.hf_dataset_documents`); it is opened before anything is written."""
+    check_output_prefix(output_prefix)
+    documents, rows = hf_dataset_documents(spec, text_key)
+    return preprocess_documents(
+        documents, tokenizer, output_prefix, workers=workers, progress=progress, expected_documents=rows
     )
 
 
 def preprocess_stdlib(
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     workers: int | None = None,
@@ -201,24 +234,23 @@ def is_complete(prefix: str | os.PathLike[str]) -> bool:
     return sequences > 0 and bin_path.stat().st_size == tokens * itemsize
 
 
-def _encode_all(
-    documents: Iterable[str], tokenizer: SentencePieceTokenizer, workers: int
-) -> Iterator[numpy.ndarray]:
+def _encode_all(documents: Iterable[str], tokenizer: Tokenizer, workers: int) -> Iterator[numpy.ndarray]:
     texts = (text for text in documents if text)
     if workers <= 1:
         yield from (_encode_with(tokenizer, text) for text in texts)
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path,)) as pool:
+    # The tokenizer pickles as its files (+ special-token choice) and is rebuilt in each worker.
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         yield from pool.imap(_encode, texts, chunksize=_CHUNKSIZE)
 
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model_path: Path) -> None:
+def _init_worker(tokenizer: Tokenizer) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(model_path)
+    _worker_tokenizer = tokenizer
 
 
 def _encode(text: str) -> numpy.ndarray:
@@ -226,7 +258,7 @@ def _encode(text: str) -> numpy.ndarray:
     return _encode_with(_worker_tokenizer, text)
 
 
-def _encode_with(tokenizer: SentencePieceTokenizer, text: str) -> numpy.ndarray:
+def _encode_with(tokenizer: Tokenizer, text: str) -> numpy.ndarray:
     ids = tokenizer.tokenize(text)
     ids.append(tokenizer.eod)
     return numpy.asarray(ids, dtype=numpy.int32)

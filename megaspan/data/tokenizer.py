@@ -56,8 +56,10 @@ from megaspan.data.corpus import stdlib_corpus
 
 if TYPE_CHECKING:
     from megaspan.config.schema import DataConfig, TokenizerConfig
+    from megaspan.data.hf_tokenizer import HuggingFaceTokenizer
 
 ModelType = Literal["bpe", "unigram"]
+TokenizerType = Literal["sentencepiece", "huggingface"]
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 LINES_PER_SENTENCE = 8
@@ -170,8 +172,42 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> SentencePieceTokenizer:
-    """Load an existing sentencepiece ``.model`` (raises :class:`DataError` if missing/invalid)."""
+if TYPE_CHECKING:
+    Tokenizer = SentencePieceTokenizer | HuggingFaceTokenizer
+    """What :func:`load_tokenizer` returns: both have the same attributes and methods."""
+
+
+def load_tokenizer(
+    path: str | os.PathLike[str],
+    *,
+    type: TokenizerType | None = None,
+    eod_token: str | None = None,
+    bos_token: str | None = None,
+) -> Tokenizer:
+    """Load an existing tokenizer (raises :class:`DataError` if missing/invalid).
+
+    ``type`` None infers it from ``path``: a ``.json`` file or a directory is a Hugging Face
+    tokenizer, anything else a sentencepiece ``.model``. ``eod_token``/``bos_token`` name the
+    special tokens of a Hugging Face tokenizer (sentencepiece models have fixed ones).
+    """
+    from megaspan.data.hf_tokenizer import HuggingFaceTokenizer, looks_like_huggingface
+
+    if type is None:
+        type = "huggingface" if looks_like_huggingface(path) else "sentencepiece"
+    if type == "huggingface":
+        return HuggingFaceTokenizer(path, eod_token=eod_token, bos_token=bos_token)
+    if type != "sentencepiece":
+        raise DataError(f"unknown tokenizer.type {type!r}; use 'sentencepiece' or 'huggingface'")
+    if eod_token is not None or bos_token is not None:
+        raise DataError(
+            "tokenizer.eod_token/bos_token apply to Hugging Face tokenizers; a sentencepiece model "
+            "uses its own </s> and <s> (unset them)"
+        )
+    if looks_like_huggingface(path):
+        raise DataError(
+            f"tokenizer.type=sentencepiece but {path} is a Hugging Face tokenizer; set "
+            f"tokenizer.type=huggingface (or leave it unset to infer it)"
+        )
     return SentencePieceTokenizer(path)
 
 
@@ -217,15 +253,26 @@ def train_tokenizer(
     return SentencePieceTokenizer(target)
 
 
-def build_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig) -> SentencePieceTokenizer:
-    """The run's tokenizer: ``tokenizer.model`` if set, else one trained on the stdlib corpus.
+def build_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig) -> Tokenizer:
+    """The run's tokenizer: ``tokenizer.model`` (sentencepiece or Hugging Face, see
+    :func:`load_tokenizer`) if set, else a sentencepiece model trained on the stdlib corpus.
 
     Distributed-aware: when ``torch.distributed`` is initialized, rank 0 trains (or finds the
     cache) first and the other ranks load the cached file after a barrier, so N ranks do not
     train N times. Must then be called on every rank.
     """
     if tokenizer_cfg.model is not None:
-        return load_tokenizer(tokenizer_cfg.model)
+        return load_tokenizer(
+            tokenizer_cfg.model,
+            type=tokenizer_cfg.type,
+            eod_token=tokenizer_cfg.eod_token,
+            bos_token=tokenizer_cfg.bos_token,
+        )
+    if tokenizer_cfg.type == "huggingface":
+        raise DataError(
+            "tokenizer.type=huggingface needs tokenizer.model=PATH (a tokenizer.json or a local "
+            "Hugging Face tokenizer directory); megaspan trains only sentencepiece models itself"
+        )
     if data_cfg.paths:
         raise DataError(
             "tokenizer.model is required when data.paths is set (the .bin/.idx files were "

@@ -255,7 +255,23 @@ def cell_args(sweep: dict, index: int) -> list[str]:
     args = []
     if sweep.get("config"):
         args += ["--config", sweep["config"]]
-    return args + cells[index]["overrides"]
+    return args + wandb_overrides(sweep, cells[index]) + cells[index]["overrides"]
+
+
+def wandb_overrides(sweep: dict, cell: dict) -> list[str]:
+    """W&B grouping of a cell: group = the sweep's name, name = the cell's, tags = its placement,
+    depth, LR and seed (``placement:spannorm``, ``depth:12``, ...). Given to every cell (the sweep
+    tool stays stdlib-only, so it cannot read the config to see whether W&B is on); they do
+    nothing unless ``logging.wandb.project`` is set, and come before the cell's own overrides, so
+    a sweep's ``fixed``/axes values win."""
+    labels = {"model.norm_placement": "placement", "model.num_layers": "depth", "optimizer.lr": "lr"}
+    labels["training.seed"] = "seed"
+    tags = [f"{labels[k]}:{format_value(v)}" for k, v in cell["values"].items() if k in labels]
+    return [
+        f"logging.wandb.group={sweep['name']}",
+        f"logging.wandb.name={cell['name']}",
+        f"logging.wandb.tags={format_value(tags)}",
+    ]
 
 
 def freeze(sweep: dict, path: Path) -> None:

@@ -43,6 +43,7 @@ from megaspan.training.rundir import RunDirLock, completed_run, guarded, write_r
 from megaspan.training.setup import TrainingObjects, build_training_objects
 from megaspan.training.signals import PreemptionFlag
 from megaspan.training.trainer import RankPosition, Trainer, checkpoint_dir, run_dir
+from megaspan.training.wandb_log import check as check_wandb
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -147,7 +148,7 @@ class Data:
 def build_data(cfg: MegaspanConfig) -> Data:
     """Tokenizer and datasets on every rank; rank 0 builds caches first."""
     from megaspan.data.datasets import build_datasets, build_valid_sets, dataset_identity
-    from megaspan.data.tokenizer import build_tokenizer, tokenizer_hash
+    from megaspan.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
@@ -175,7 +176,7 @@ def build_data(cfg: MegaspanConfig) -> Data:
         _sample_counts(cfg)[1],
         create_attention_mask=cfg.data.reset_attention_mask,
     )
-    return Data(vocab, datasets, str(tokenizer.path), tokenizer_hash(tokenizer.path), identity, valid_sets)
+    return Data(vocab, datasets, str(tokenizer.path), tokenizer.sha256, identity, valid_sets)
 
 
 def _on_rank0[T](action: Callable[[], T], *, everywhere: bool = False) -> T | None:
@@ -322,6 +323,8 @@ def build_trainer(
 
     allow_fp8_extra_state(cfg)  # before any checkpoint is read: FP8-delayed resumes need it
     position = init_megatron(cfg)
+    # No wandb package / no network for an online run: one line now, before data is prepared.
+    _on_rank0(lambda: check_wandb(cfg.logging.wandb))
     if datasets is None:
         data = build_data(cfg)
     elif vocab_size is None:
@@ -356,6 +359,7 @@ def build_trainer(
         log.start_tensorboard(purge_after=trainer.progress.step if resume is not None else None)
         config, extra = resolved_config(cfg, trainer, data)
         _on_rank0(lambda: write_resolved_config(run_dir(cfg), config, extra))
+        _on_rank0(lambda: log.start_wandb(cfg.logging.wandb, {**config, **extra}, resumed=resume is not None))
         trainer.resolved = {"config": config, **extra}
         if dist.get_rank() == 0:
             remove_stale_tmp(checkpoint_dir(cfg), log.info)

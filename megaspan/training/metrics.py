@@ -1,4 +1,4 @@
-"""Training logs: one console/file line per log interval, TensorBoard scalars (rank 0 only).
+"""Training logs: one console/file line per log interval, TensorBoard and W&B scalars (rank 0 only).
 
 Console line format (tests and scripts parse it; keep the prefix stable)::
 
@@ -110,6 +110,16 @@ class MetricsLogger:
         log_file = run_dir / "train.log" if enabled and run_dir else None
         self.logger = guarded(log_file, lambda: setup_logger(log_file))
         self.writer = None
+        self.wandb = None  # a WandbWriter once start_wandb ran (rank 0, logging.wandb on)
+
+    def start_wandb(self, cfg, config: dict, *, resumed: bool) -> None:
+        """Open the W&B run (``cfg``: :class:`~megaspan.config.schema.WandbConfig`) with the
+        run's resolved ``config``; ``resumed``: continue the run dir's W&B run id."""
+        from megaspan.training.wandb_log import WandbWriter, effective_mode
+
+        if not self.enabled or self.run_dir is None or self.wandb is not None or effective_mode(cfg) is None:
+            return
+        self.wandb = WandbWriter(cfg, self.run_dir, config, resumed=resumed)
 
     def start_tensorboard(self, purge_after: int | None) -> None:
         """Open the TensorBoard writer. ``purge_after``: the step a run resumed from; events of
@@ -184,12 +194,17 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def scalars(self, scalars: dict[str, float], step: int) -> None:
-        """TensorBoard only (e.g. per-layer diagnostics, too many for the console)."""
+        """TensorBoard and W&B only (e.g. per-layer diagnostics, too many for the console)."""
         self._scalars(scalars, step)
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log(scalars, step)
         if self.writer is None:
             return
         path = self.run_dir / "tensorboard"

@@ -10,7 +10,6 @@ import torch
 
 from megaspan.training.signals import PreemptionFlag
 
-
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

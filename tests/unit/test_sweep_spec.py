@@ -55,6 +55,10 @@ def test_list_count_and_cells(tmp_path):
     assert cell[0] == "demo/spannorm-L2-lr0.0003-s1"
     assert cell[1:3] == ["--config", str((tmp_path / "recipes/tiny.yaml").resolve())]
     assert cell[3:] == [
+        # W&B grouping (only used when logging.wandb.project is set): the sweep, the cell, its tags.
+        "logging.wandb.group=demo",
+        "logging.wandb.name=spannorm-L2-lr0.0003-s1",
+        'logging.wandb.tags=["placement:spannorm","depth:2","lr:0.0003","seed:1"]',
         "training.steps=20",
         "model.hidden_size=64",
         "model.norm_placement=spannorm",
@@ -72,7 +76,7 @@ def test_config_name_or_cwd_path_is_passed_unchanged(tmp_path):
     path = _write(tmp_path, SWEEP)  # recipes/tiny.yaml does not exist next to it
     assert _run("--cell", "0", str(path)).stdout.splitlines()[1:3] == ["--config", "recipes/tiny.yaml"]
     path = _write(tmp_path, "name: n\nconfig: tiny\n")
-    assert _run("--cell", "0", str(path)).stdout.splitlines() == ["n/base", "--config", "tiny"]
+    assert _run("--cell", "0", str(path)).stdout.splitlines()[:3] == ["n/base", "--config", "tiny"]
 
 
 def test_freeze_roundtrip_needs_no_yaml(tmp_path):
@@ -99,6 +103,9 @@ axes:
     cell = _run("--cell", "1", str(path)).stdout.splitlines()
     assert cell[0] == "g/hidden_size-64-fp8-null-add_bias_linear-false-paths-__a___b__"
     assert cell[1:] == [
+        "logging.wandb.group=g",
+        "logging.wandb.name=hidden_size-64-fp8-null-add_bias_linear-false-paths-__a___b__",
+        "logging.wandb.tags=[]",
         "model.hidden_size=64",
         "precision.fp8=null",
         "model.add_bias_linear=false",

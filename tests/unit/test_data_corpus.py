@@ -77,14 +77,17 @@ def test_reader_errors_are_one_line(tmp_path, name, content, fragment):
     [
         ("bad.txt", b"fine\nalso fine\nbad \xff\xfe here\nmore\n", 3),
         ("bad.jsonl", b'{"text": "ok"}\n\n{"text": "bad \xff"}\n', 3),
+        ("bad.jsonl.gz", b'{"text": "ok"}\n\n{"text": "bad \xff"}\n', 3),  # compressed: the same line
     ],
 )
 def test_invalid_utf8_names_the_file_and_line(tmp_path, name, content, line):
     """issue 20 item 9: a bare UnicodeDecodeError (jsonl) or a byte offset (txt) before."""
+    import gzip
+
     from megaspan.data.corpus import iter_documents
     from megaspan.errors import DataError
 
     path = tmp_path / name
-    path.write_bytes(content)
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
     with pytest.raises(DataError, match=rf"{name}:{line}: not valid UTF-8 \(byte 0xff\); re-encode"):
         list(iter_documents([path]))

@@ -40,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="processes (GPUs) per cell; >1 launches each cell with torch.distributed.run",
     )
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="one `megaspan train` process per cell (default for single-process cells: --jobs "
+        "long-lived workers that run cells one after another, saving ~12 s of start-up per cell)",
+    )
     p.add_argument("--list", action="store_true", help="print the cells and their status, run nothing")
     p.add_argument(
         "--slurm",
@@ -80,9 +86,15 @@ def run(args: argparse.Namespace) -> int:
             raise SweepError(f"override {item!r} is not key=value (e.g. training.steps=100)")
     runs = args.runs if args.runs is not None else default_runs_dir(sweep)
     if args.list:
+        from megaspan.sweep.stages import stage2_cells
+
+        sweep = dict(sweep, cells=[c for c in sweep["cells"] if not c.get("stage2")])
+        sweep["cells"] += stage2_cells(sweep, runs)
         for cell, status in sweep_status(sweep, runs):
             print(f"{cell['index']:4d}  {cell['name']:<40} {status:<11} {' '.join(cell['overrides'])}")
-        print(f"{len(sweep['cells'])} cells, run dirs under {runs}")
+        stage2 = sweep.get("best_lr_seeds")
+        note = f" (+ seeds {stage2} at each group's best LR once its grid has finished)" if stage2 else ""
+        print(f"{len(sweep['cells'])} cells{note}, run dirs under {runs}")
         return 0
     if args.slurm:
         from megaspan.sweep.slurm import submit
@@ -105,5 +117,12 @@ def run(args: argparse.Namespace) -> int:
                 f"job array {job} (run dirs under {runs})"
             )
         return 0
-    code, _ = run_local(sweep, runs, jobs=args.jobs, extra=args.overrides, nproc=args.nproc)
+    code, _ = run_local(
+        sweep,
+        runs,
+        jobs=args.jobs,
+        extra=args.overrides,
+        nproc=args.nproc,
+        in_process=args.nproc == 1 and not args.isolate,
+    )
     return code

@@ -30,12 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="md",
         help="md: report.md next to the PNGs; html: one self-contained report.html",
     )
+    p.add_argument(
+        "--collapse-cosine",
+        metavar="C",
+        type=float,
+        default=None,
+        help="also count a run as collapsed when its last layer's token cosine exceeds C, e.g. 0.99 "
+        "(default: the loss rule only; see docs/evidence.md)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from megaspan.report import build_report
 
-    report = build_report(args.paths, args.output, args.format)
+    report = build_report(args.paths, args.output, args.format, collapse_cosine=args.collapse_cosine)
     print(f"report: {report.page} ({len(report.runs)} runs, {len(report.images)} plots)")
     return 0

@@ -99,7 +99,11 @@ def _write_run(root: Path, prefix: Path, p: str, d: int, lr: float, seed: int, l
         "final_train_loss": None if diverged else final + 0.1,
         "initial_val_loss": L0,
         "loss_spikes": 0,
-        "config": {"model": {"norm_placement": p, "num_layers": d}, "optimizer": {"lr": lr}, "training": {"seed": seed}},
+        "config": {
+            "model": {"norm_placement": p, "num_layers": d},
+            "optimizer": {"lr": lr},
+            "training": {"seed": seed},
+        },
         "data": {"train": [str(prefix)]},
     }
     (run / "summary.json").write_text(json.dumps(summary))

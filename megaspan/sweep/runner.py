@@ -295,8 +295,9 @@ def run_local(
     def total() -> int:
         return len(cells) + n_stage2 - sum(1 for c in cells if c.get("stage2"))
 
-    def admit(new_cells: list[dict]) -> None:
+    def admit(new_cells: list[dict], first: bool = False) -> None:
         nonlocal done
+        ahead = 0
         for cell in new_cells:
             run_dir = runs_dir / cell["name"]
             if run_status(run_dir) in FINISHED:
@@ -305,6 +306,11 @@ def run_local(
                     cell["index"], cell["name"], run_dir, wall_s=None, rc=None, skipped=True
                 )
                 echo(progress_line(done, total(), results[cell["index"]], None))
+            elif first:
+                # Stage-2 seeds go ahead of the remaining grid: a sweep stopped early then holds
+                # whole groups (grid + seeds) rather than a grid with no seeds anywhere.
+                start_queue.insert(ahead, cell["index"])
+                ahead += 1
             else:
                 start_queue.append(cell["index"])
 
@@ -313,7 +319,7 @@ def run_local(
         if new:
             cells.extend(new)
             freeze(sweep, runs_dir / FROZEN)
-            admit(new)
+            admit(new, first=True)
 
     admit(list(cells))
     add_stage2()

@@ -178,3 +178,25 @@ def test_resume_runs_only_unfinished_cells_and_a_crash_fails_one_cell(tmp_path, 
 def test_in_process_refuses_multi_process_cells(tmp_path):
     with pytest.raises(SweepError, match="--isolate"):
         run_local(expand(SWEEP), tmp_path, in_process=True, nproc=2, python=sys.executable)
+
+
+def test_stage2_seeds_run_before_the_rest_of_the_grid(tmp_path, fake_entry):
+    # One job: pre's grid, then pre's seeds at its best LR, then post's grid and seeds. A sweep
+    # stopped half-way holds complete groups.
+    runs = tmp_path / "runs"
+    code, _ = run_local(
+        expand(SWEEP), runs, jobs=1, in_process=True, worker_entry=fake_entry, echo=lambda _: None
+    )
+    assert code == 0
+    assert [name for _, name in _calls(runs)] == [
+        "pre-L2-lr0.001-s1",
+        "pre-L2-lr0.003-s1",
+        "pre-L2-lr0.01-s1",
+        "pre-L2-lr0.003-s2",
+        "pre-L2-lr0.003-s3",
+        "post-L2-lr0.001-s1",
+        "post-L2-lr0.003-s1",
+        "post-L2-lr0.01-s1",
+        "post-L2-lr0.001-s2",
+        "post-L2-lr0.001-s3",
+    ]

@@ -200,3 +200,46 @@ def test_stage2_seeds_run_before_the_rest_of_the_grid(tmp_path, fake_entry):
         "post-L2-lr0.001-s2",
         "post-L2-lr0.001-s3",
     ]
+
+
+def test_shipped_lr_sweeps_follow_the_protocol():
+    from megaspan.config import load_config, validate
+    from megaspan.config.capabilities import Capabilities
+    from megaspan.sweep import load_sweep
+
+    proxy = load_sweep("cpu-proxy")
+    values = [c["values"] for c in proxy["cells"]]
+    labels = {v["model.norm_placement"] for v in values}
+    assert labels == {
+        "pre",
+        "post",
+        "spannorm",
+        "spannorm-attn",
+        "b2t",
+        "hybridnorm",
+        "hybridnorm_star",
+        "deepnorm",
+        "mixln",
+        "lns",
+        "peri",
+    }
+    assert {v["model.num_layers"] for v in values} == {6, 24}
+    lrs = sorted({v["optimizer.lr"] for v in values})
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert len(lrs) >= 5 and max(ratios) / min(ratios) < 1.02  # log-spaced
+    assert len(proxy["best_lr_seeds"]) >= 2 and {v["training.seed"] for v in values} == {1}  # >= 3 seeds
+    # Every cell is a valid CPU config (a typo in a key would fail here, not an hour into the sweep).
+    for cell in proxy["cells"]:
+        validate(load_config(proxy["config"], cell["overrides"]), 1, Capabilities.cpu())
+    steps = int(
+        next(o for o in proxy["cells"][0]["overrides"] if o.startswith("training.steps=")).split("=")[1]
+    )
+    interval = int(
+        next(o for o in proxy["cells"][0]["overrides"] if o.startswith("training.eval_interval=")).split("=")[
+            1
+        ]
+    )
+    assert steps % interval == 0 and (steps // 2) % interval == 0  # N and N/2 are evaluation steps
+
+    h100 = load_sweep("paper-h100")
+    assert len({c["values"]["optimizer.lr"] for c in h100["cells"]}) >= 3 and h100["best_lr_seeds"]

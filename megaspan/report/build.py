@@ -295,6 +295,15 @@ def build_report(
                     f"per-layer mechanism metrics ({', '.join(layer_fields)}), depth {depth}",
                 )
         if top_fields:
+            for depth in depths:
+                add_figure(
+                    f"model_metrics_L{depth}",
+                    plots.model_curves(
+                        best_runs, depth, top_fields, f"model-level metrics vs step, depth {depth}"
+                    ),
+                    f"model-level diagnostics ({', '.join(top_fields)}) vs step, depth {depth}",
+                )
+            blocks.append(("p", "Model-level diagnostics at the end of training (mean over the seeds):"))
             blocks.append(("table", _scalar_table(best_runs, top_fields)))
         if not layer_fields and not top_fields:
             blocks.append(
@@ -340,7 +349,7 @@ def _scalar_table(runs: list[RunRecord], fields: list[str]) -> Table:
     for (p, d, lr), recs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         cells = []
         for f in fields:
-            vals = [float(x[f]) for x in recs if isinstance(x.get(f), (int, float))]
+            vals = [v[f] for v in (plots.model_values(x) for x in recs) if f in v]
             cells.append(f"{sum(vals) / len(vals):.4g}" if vals else "-")
         out.append([p, str(d), fmt_lr(lr), *cells])
     return headers, out

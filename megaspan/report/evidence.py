@@ -276,21 +276,28 @@ def late_angular_distance(run: RunRecord) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def first_diagnostics(run_dir) -> dict | None:
+def diagnostics_records(run_dir) -> list[dict]:
+    """Every complete record of ``<run_dir>/diagnostics.jsonl`` (torn lines skipped)."""
     import json
     from pathlib import Path
 
     path = Path(run_dir) / "diagnostics.jsonl"
     if not path.is_file():
-        return None
+        return []
+    out = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("layers"), dict):
-            return record
-    return None
+            out.append(record)
+    return out
+
+
+def first_diagnostics(run_dir) -> dict | None:
+    records = diagnostics_records(run_dir)
+    return records[0] if records else None
 
 
 def early_late_grad_ratio(run: RunRecord) -> tuple[float, int] | None:

@@ -275,27 +275,69 @@ KNOWN_LAYER_FIELDS = {
 
 
 def mechanism_fields(records: list[dict]) -> tuple[list[str], list[str]]:
-    """(per-layer numeric fields beyond the four profile panels' inputs, top-level numeric fields
-    other than step) found in diagnostics records: whatever the trainer recorded."""
+    """(per-layer numeric fields beyond the four profile panels' inputs, model-level numeric
+    fields: the record's ``model`` object, e.g. ``lm_head_log_z``, ``relative_update``, and any
+    top-level number but ``step``) found in diagnostics records: whatever the trainer recorded."""
     layer, top = set(), set()
     for record in records:
-        for key, value in record.items():
-            if (
-                key not in ("step", "layers")
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-            ):
-                top.add(key)
+        top.update(model_values(record))
         for values in record.get("layers", {}).values():
             if isinstance(values, dict):
                 for key, value in values.items():
-                    if (
-                        key not in KNOWN_LAYER_FIELDS
-                        and isinstance(value, (int, float))
-                        and not isinstance(value, bool)
-                    ):
+                    if key not in KNOWN_LAYER_FIELDS and _number(value):
                         layer.add(key)
     return sorted(layer), sorted(top)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def model_values(record: dict) -> dict[str, float]:
+    """A diagnostics record's model-level numbers (its ``model`` object and top-level numbers)."""
+    out = {k: float(v) for k, v in record.items() if k not in ("step", "layers", "model") and _number(v)}
+    model = record.get("model")
+    if isinstance(model, dict):
+        out.update({k: float(v) for k, v in model.items() if _number(v)})
+    return out
+
+
+def model_curves(runs: list[RunRecord], depth: int | None, fields: list[str], title: str) -> Figure | None:
+    """Model-level diagnostics against step (log x), a panel per field, a line per placement (its
+    lowest seed among ``runs``): e.g. the relative model update ||f(x; theta_t) - f(x; theta_0)|| /
+    ||f(x; theta_0)|| (DeepNet's amplification signal) and the LM head's log-Z."""
+    from megaspan.report.evidence import diagnostics_records
+
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in sorted((r for r in runs if r.depth == depth), key=lambda r: (r.seed is None, r.seed or 0)):
+        if r.placement in curves:
+            continue
+        points: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for record in diagnostics_records(r.path):
+            for key, value in model_values(record).items():
+                points[key].append((int(record.get("step", 0)), value))
+        if points:
+            curves[r.placement] = points
+    if not curves or not fields:
+        return None
+    placements = sorted(curves)
+    colors = _colors(placements)
+    fig = Figure(figsize=(5.5 * len(fields), 4))
+    axes = fig.subplots(1, len(fields), squeeze=False)[0]
+    for ax, key in zip(axes, fields):
+        for p in placements:
+            pts = sorted(curves[p].get(key, []))
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".", color=colors[p], label=p)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.set_xscale("log")
+            ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def mechanism_profiles(

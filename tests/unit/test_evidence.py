@@ -72,19 +72,27 @@ def _write_data(prefix: Path) -> None:
 
 
 def _diagnostics(placement: str, depth: int, seed: int) -> list[dict]:
-    layers = {}
-    for layer in range(1, depth + 1):
-        late = layer > depth - depth // 4
-        angle = (0.2 if placement == "mixln" else 0.05) + 0.001 * seed if late else 0.3
-        grad = 1e-5 if placement == "post" and layer <= depth // 4 else 1.0
-        layers[str(layer)] = {
-            "angular_distance": angle,
-            "attn_grad_norm": grad,
-            "mlp_grad_norm": 0.0,
-            "token_cosine": 0.999,  # high everywhere: must not collapse anyone by default
-            "rms": 1.0,
-        }
-    return [{"step": 20, "layers": layers}]
+    """Step 1 (the profile at initialisation: Post-LN's first quarter of layers gets 1e-5 of the
+    gradient of its last quarter) and step 20 (every gradient 1.0: only the step-1 record shows
+    the vanishing, so the claim must read it)."""
+    records = []
+    for step in (1, 20):
+        layers = {}
+        for layer in range(1, depth + 1):
+            late = layer > depth - depth // 4
+            angle = (0.2 if placement == "mixln" else 0.05) + 0.001 * seed if late else 0.3
+            grad = 1e-5 if step == 1 and placement == "post" and layer <= depth // 4 else 1.0
+            layers[str(layer)] = {
+                "angular_distance": angle,
+                "attn_grad_norm": grad,
+                "mlp_grad_norm": 0.0,
+                "token_cosine": 0.999,  # high everywhere: must not collapse anyone by default
+                "rms": 1.0,
+                "attn_max_logit": 2.0 * layer,  # a mechanism field the report plots generically
+            }
+        model = {"lm_head_log_z": 6.0 + step / 100, "relative_update": 0.01 * step}
+        records.append({"step": step, "layers": layers, "model": model})
+    return records
 
 
 def _write_run(root: Path, prefix: Path, p: str, d: int, lr: float, seed: int, loss) -> dict:
@@ -313,7 +321,32 @@ def test_claim_verdicts(runs):
     assert row.verdict == "inconclusive" and "fewer than 2 seeds" in row.numbers
     # Post-LN's first-quarter grads are 1e-5 of its last quarter's, at each of its 3 best-LR seeds.
     row = _claim(rows, "Post-LN's early-layer gradients vanish at depth while spannorm's")
-    assert row.verdict == "reproduced" and "1.00e-05" in row.numbers
+    assert row.verdict == "reproduced" and "1.00e-05 (step 1)" in row.numbers
+
+
+def test_report_sections_and_mechanism_plots(sweep, tmp_path):
+    from megaspan.report import build_report
+
+    report = build_report([sweep], tmp_path / "report")
+    text = report.page.read_text()
+    for heading in ("## Loss vs learning rate", "## Best-LR results and LR sensitivity", "## Claims"):
+        assert heading in text
+    assert "## Is the run long enough? Ranking at N vs N/2 steps" in text
+    assert "| post-L8-lr0.01-s1 | loss 4.200 >= unigram entropy 4.159 - 0.1 | 0.9990 (> 0.99) |" in text
+    names = {p.name for p in report.images}
+    assert {
+        "loss_vs_lr.png",
+        "mechanism_L8.png",
+        "model_metrics_L8.png",
+        "layer_profiles_L8_best_lr.png",
+    } <= names
+    fig = report.figures["loss_vs_lr"]
+    assert [ax.get_title() for ax in fig.axes] == ["depth 2", "depth 8"] and fig.axes[0].get_xscale() == "log"
+    assert [ax.get_title() for ax in report.figures["model_metrics_L8"].axes] == [
+        "lm_head_log_z",
+        "relative_update",
+    ]
+    assert report.figures["mechanism_L8"].axes[0].get_title() == "attn_max_logit"
 
 
 def test_claims_without_diagnostics_or_seeds(tmp_path, sweep):

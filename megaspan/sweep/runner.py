@@ -230,21 +230,22 @@ class _Workers:
         return out
 
     def interrupt(self) -> None:
-        # The workers got the Ctrl-C too: the cell in flight saves its checkpoint, the worker
-        # answers 130 and exits. Wait for them (a second Ctrl-C aborts).
-        for proc, _ in self.running.values():
-            proc.wait()
+        # The workers got the Ctrl-C too: a cell in flight saves its checkpoint and its worker
+        # exits. EOF first, then wait: a worker whose cell had just finished is back reading its
+        # stdin and would otherwise wait for a next cell forever (a second Ctrl-C aborts).
         self.close()
 
     def close(self) -> None:
-        for proc in self.idle + [p for p, _ in self.running.values()]:
+        procs = self.idle + [p for p, _ in self.running.values()]
+        for proc in procs:
             try:
                 proc.stdin.close()
             except OSError:
                 pass
-        for proc in self.idle + [p for p, _ in self.running.values()]:
+        for proc in procs:
             proc.wait()
         self.idle.clear()
+        self.running.clear()
 
 
 def cell_env(jobs: int) -> dict[str, str]:

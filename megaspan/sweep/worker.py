@@ -33,6 +33,13 @@ def _entry(spec: str):
 
 
 def serve(entry: str = "megaspan.cli:main") -> int:
+    try:
+        return _serve(entry)
+    except KeyboardInterrupt:  # Ctrl-C while waiting for a cell: nothing in flight, just end
+        return 130
+
+
+def _serve(entry: str) -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     main = _entry(entry)
     saved = (os.dup(1), os.dup(2))

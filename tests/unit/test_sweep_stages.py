@@ -44,6 +44,10 @@ def main(argv):
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / "calls.txt", "a") as f:
         f.write(f"{os.getpid()} {run_dir.name}\n")
+    interrupt = run_dir.parent / "interrupt"
+    if interrupt.exists() and interrupt.read_text().strip() == run_dir.name:
+        import signal
+        os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C reaches the runner while this cell finishes
     crash = run_dir.parent / "crash"
     if crash.exists() and crash.read_text().strip() == run_dir.name:
         crash.unlink()
@@ -243,3 +247,24 @@ def test_shipped_lr_sweeps_follow_the_protocol():
 
     h100 = load_sweep("paper-h100")
     assert len({c["values"]["optimizer.lr"] for c in h100["cells"]}) >= 3 and h100["best_lr_seeds"]
+
+
+def test_ctrl_c_ends_the_workers_and_resume_finishes(tmp_path, fake_entry):
+    # Ctrl-C reaches the runner while the workers' cells finish normally: each worker then reads
+    # its stdin for the next cell, so the runner must close it before waiting (it hung before).
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "interrupt").write_text("pre-L2-lr0.003-s1")
+    lines: list[str] = []
+    code, results = run_local(
+        expand(SWEEP), runs, jobs=2, in_process=True, worker_entry=fake_entry, echo=lines.append
+    )
+    assert code == 130 and any("interrupted" in line for line in lines)
+    assert len(_calls(runs)) < 10
+    (runs / "interrupt").unlink()
+    code, results = run_local(
+        expand(SWEEP), runs, jobs=2, in_process=True, worker_entry=fake_entry, echo=lambda _: None
+    )
+    assert code == 0 and len(results) == 10
+    ran = [name for _, name in _calls(runs)]
+    assert len(ran) == len(set(ran)) == 10  # nothing ran twice

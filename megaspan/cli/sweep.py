@@ -18,12 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         NAME,
         help="run a sweep of training runs (placements x depths x LRs x seeds), resumable",
         description="Run every cell of SWEEP (a sweep YAML/JSON file or a shipped sweep name such as "
-        "cpu-small) as its own `megaspan train` process, one after another, into --runs DIR "
-        "(default runs/<sweep name>/<cell>). Re-running skips cells whose summary.json says "
-        "completed or diverged and resumes the others from their checkpoints.",
+        "cpu-proxy) as a `megaspan train` run, --jobs at a time, into --runs DIR (default "
+        "runs/<sweep name>/<cell>): in --jobs long-lived worker processes (--isolate: one process "
+        "per cell). A sweep with best_lr_seeds adds those seeds at each group's best grid LR as "
+        "its grid finishes. Re-running skips cells whose summary.json says completed or diverged "
+        "and resumes the others from their checkpoints.",
     )
     p.add_argument(
-        "sweep", metavar="SWEEP.yaml", help="sweep file, or a shipped sweep name (cpu-small, paper-h100)"
+        "sweep", metavar="SWEEP.yaml", help="sweep file, or a shipped sweep name (cpu-proxy, cpu-small, paper-h100)"
     )
     p.add_argument(
         "--runs",

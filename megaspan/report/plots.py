@@ -250,7 +250,9 @@ def loss_vs_lr(runs: list[RunRecord]) -> Figure | None:
         ax.set_ylabel("final validation loss")
         ax.set_title(f"depth {depth}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    with_lines = [ax for ax in axes if ax.lines]
+    if with_lines:
+        with_lines[0].legend(fontsize=7, ncol=2)
     fig.suptitle(
         "final validation loss vs LR (mean over seeds); x = a seed diverged, hollow = collapsed, "
         "dashed = unigram entropy of the training data"

@@ -54,6 +54,7 @@ def test_worker_cells_equal_fresh_processes(tmp_path, monkeypatch):
         fresh = _losses(tmp_path / "isolated" / cell["name"])
         reused = _losses(tmp_path / "worker" / cell["name"])
         assert fresh[0] == "completed" and len(fresh[3]) == 4
+        assert isinstance(fresh[2], float) and fresh[2] > fresh[1]  # the step-0 loss, then trained
         assert reused == fresh, cell["name"]
     summary = json.loads((tmp_path / "worker" / "pre-L2" / "summary.json").read_text())
     assert summary["data"]["train"] and Path(summary["data"]["train"][0] + ".bin").is_file()

@@ -245,7 +245,7 @@ def build_report(
         add_figure(
             f"val_loss_vs_depth_lr{fmt_lr(lr)}",
             plots.val_loss_vs_depth(runs, lr),
-            f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged",
+            f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged, ring = collapsed",
         )
     blocks.append(("h2", "Loss curves"))
     for depth in depths:

@@ -37,7 +37,7 @@ def _colors(placements: list[str]) -> dict[str, str]:
 
 def val_loss_vs_depth(runs: list[RunRecord], lr: float | None) -> Figure | None:
     """Final validation loss vs depth at one LR: a line per placement (error bars over seeds);
-    depths where a seed diverged get a red x at the top of the axes."""
+    depths where a seed diverged get an x at the top of the axes, collapsed cells a hollow ring."""
     cells = [c for c in group_cells(runs) if c.lr == lr and c.depth is not None]
     if not cells:
         return None
@@ -58,6 +58,8 @@ def val_loss_vs_depth(runs: list[RunRecord], lr: float | None) -> Figure | None:
                 ys.append(mean)
                 es.append(std)
                 finite.append(mean)
+                if any(r.collapsed for r in c.runs):
+                    ax.scatter([c.depth], [mean], s=110, facecolors="none", edgecolors=colors[p], zorder=4)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=p, color=colors[p])
     if diverged_x:
         top = max(finite) * 1.02 if finite else 1.0

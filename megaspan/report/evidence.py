@@ -98,6 +98,15 @@ class Group:
         return [] if lr is None else [r for r in self.cells[lr].finished if not r.diverged]
 
     @property
+    def finished_any(self) -> bool:
+        return any(c.finished for c in self.cells.values())
+
+    @property
+    def grid_done(self) -> bool:
+        """Every LR of the group has a finished run and no run is still pending or unfinished."""
+        return all(c.finished and len(c.finished) == len(c.runs) for c in self.cells.values())
+
+    @property
     def l0(self) -> float | None:
         values = finite(r.initial_loss for c in self.cells.values() for r in c.runs)
         return sum(values) / len(values) if values else None
@@ -181,9 +190,12 @@ def best_lr_table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
                 row += ["-", "missing", "-"]
                 continue
             best, lrs = g.best, g.sensitivity
+            if not g.finished_any:
+                row += ["-", "not run yet", "-"]
+                continue
             row += [
                 "none" if g.best_lr is None else f"{g.best_lr:g}",
-                "no LR trained" if best is None else best.text(),
+                "diverged at every LR" if best is None else best.text(),
                 "-"
                 if lrs is None
                 else f"{lrs.value:.3f}" + ("" if lrs.lrs == len(grid(runs)) else f" ({lrs.lrs} LRs)"),
@@ -404,12 +416,19 @@ def _lower(text: str, a: Group, b: Group, kind: str) -> ClaimRow:
         "best-LR final validation loss, 95% t intervals over seeds: reproduced if a's interval is "
         "wholly below b's, contradicted if wholly above, else inconclusive"
     )
+    unrun = [g.placement for g in (a, b) if not g.finished_any]
+    if unrun:
+        return ClaimRow(
+            text, test, f"no finished runs of {', '.join(unrun)} at depth {a.depth}", INCONCLUSIVE
+        )
     ia, ib = a.best, b.best
     if ia is None or ib is None:
         none = [g.placement for g in (a, b) if g.best is None]
         numbers = f"no LR trained without divergence: {', '.join(none)}"
-        if ia is None and ib is not None and ib.n >= 2:
+        if ia is None and ib is not None and ib.n >= 2 and a.grid_done:
             return ClaimRow(text, test, numbers + f"; {b.placement} {ib.text()}", CONTRADICTED)
+        if not all(g.grid_done for g in (a, b)):
+            numbers += " so far (grid unfinished)"
         return ClaimRow(text, test, numbers, INCONCLUSIVE)
     numbers = f"{a.placement} {ia.text()} at lr {a.best_lr:g}; {b.placement} {ib.text()} at lr {b.best_lr:g}"
     if min(ia.n, ib.n) < 2:
@@ -461,6 +480,11 @@ def _raises_angular(text: str, a: Group, b: Group) -> ClaimRow:
         "mean angular distance of the last quarter of layers at the end of training, per seed at "
         "each placement's best LR, 95% t intervals: reproduced if a's is wholly above b's"
     )
+    unrun = [g.placement for g in (a, b) if not g.best_runs()]
+    if unrun:
+        return ClaimRow(
+            text, test, f"no finished run at a best LR of {', '.join(unrun)} at depth {a.depth}", INCONCLUSIVE
+        )
     va = [late_angular_distance(r) for r in a.best_runs()]
     vb = [late_angular_distance(r) for r in b.best_runs()]
     if not finite(va) or not finite(vb):
@@ -489,6 +513,11 @@ def _vanish(text: str, a: Group, b: Group) -> ClaimRow:
         f"< {VANISH_RATIO:g}: reproduced if every seed of a vanishes and none of b's (>= 2 seeds each), "
         "contradicted if no seed of a vanishes or every seed of b does"
     )
+    unrun = [g.placement for g in (a, b) if not g.best_runs()]
+    if unrun:
+        return ClaimRow(
+            text, test, f"no finished run at a best LR of {', '.join(unrun)} at depth {a.depth}", INCONCLUSIVE
+        )
     ra = [x for x in (early_late_grad_ratio(r) for r in a.best_runs()) if x is not None]
     rb = [x for x in (early_late_grad_ratio(r) for r in b.best_runs()) if x is not None]
     if not ra or not rb:

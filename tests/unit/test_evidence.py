@@ -58,7 +58,11 @@ GRID: dict[tuple[str, int, float], list] = {
     ("deepnorm", 8, 1e-1): ["D"],
     ("mixln", 8, 1e-2): [3.3, 3.31, 3.32],
     ("lns", 8, 1e-2): [3.3],
+    ("peri", 8, 1e-3): ["D"],  # diverged at every LR of its (finished) grid
+    ("peri", 8, 1e-2): ["D", "D"],
 }
+# Cells listed in sweep.json that never ran (a sweep still running): no run dir, status pending.
+PENDING = [("hybridnorm_star", 2, 1e-2, 1), ("hybridnorm_star", 2, 1e-2, 2)]
 
 
 def _write_data(prefix: Path) -> None:
@@ -138,6 +142,9 @@ def sweep(tmp_path_factory):
     for (p, d, lr), losses in GRID.items():
         for seed, loss in enumerate(losses, start=1):
             cells.append(_write_run(root, prefix, p, d, lr, seed, loss))
+    for p, d, lr, seed in PENDING:
+        values = {"model.norm_placement": p, "model.num_layers": d, "optimizer.lr": lr, "training.seed": seed}
+        cells.append({"index": 0, "name": f"{p}-L{d}-lr{lr:g}-s{seed}", "overrides": [], "values": values})
     (root / "sweep.json").write_text(json.dumps({"name": "evidence", "config": None, "cells": cells}))
     return root
 
@@ -232,6 +239,7 @@ def test_collapsed_status(runs):
     # Token cosine 0.999 everywhere: the cosine rule is opt-in, so learning runs stay completed.
     assert status["pre-L8-lr0.01-s1"] == "completed"
     assert sum(r.collapsed for r in runs) == 4
+    assert status["hybridnorm_star-L2-lr0.01-s1"] == "pending"
     assert "unigram entropy 4.159" in next(r for r in runs if r.name == "post-L8-lr0.01-s1").collapse_reason
 
 
@@ -310,8 +318,10 @@ def test_claim_verdicts(runs):
     assert row.verdict == "inconclusive" and "overlap" in row.numbers
     # HybridNorm* wholly above HybridNorm at L8: contradicted; no HybridNorm* runs at L2: inconclusive.
     assert _claim(rows, "HybridNorm* reaches a loss <= HybridNorm's (L8)").verdict == "contradicted"
+    # HybridNorm*'s L2 cells are pending (the sweep has not reached them): inconclusive, never
+    # "contradicted" for want of a trained LR.
     row = _claim(rows, "HybridNorm* reaches a loss <= HybridNorm's (L2)")
-    assert row.verdict == "inconclusive" and "no runs of hybridnorm_star" in row.numbers
+    assert row.verdict == "inconclusive" and "no finished runs of hybridnorm_star at depth 2" in row.numbers
     # DeepNorm fails (collapses or diverges) at every cell where Post-LN fails: contradicted.
     row = _claim(rows, "DeepNorm trains where Post-LN does not")
     assert row.verdict == "contradicted", row.numbers
@@ -347,6 +357,16 @@ def test_report_sections_and_mechanism_plots(sweep, tmp_path):
         "relative_update",
     ]
     assert report.figures["mechanism_L8"].axes[0].get_title() == "attn_max_logit"
+
+
+def test_a_placement_diverged_at_every_lr_is_worse(runs):
+    spec = evidence.Claim("lower", "peri", "pre", "Peri-LN reaches a lower loss than Pre-LN")
+    (row,) = evidence.claims(runs, (spec,))
+    assert row.verdict == "contradicted" and "no LR trained without divergence: peri" in row.numbers
+    # ... but a placement with runs still pending is not judged.
+    spec = evidence.Claim("lower", "hybridnorm_star", "hybridnorm", "H* below H", "each")
+    row = evidence.claims(runs, (spec,))[0]
+    assert row.claim == "H* below H (L2)" and row.verdict == "inconclusive"
 
 
 def test_claims_without_diagnostics_or_seeds(tmp_path, sweep):

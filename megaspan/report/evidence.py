@@ -6,8 +6,9 @@ Definitions (also in docs/evidence.md):
 * a *group* is one (placement, variant, depth); its *cells* are its grid LRs, each with its seeds;
 * a cell *trains* when every seed completed (not collapsed, not diverged); it *fails* when every
   seed diverged or collapsed; unfinished seeds (pending, failed, preempted) are left out;
-* the group's *best LR* is the LR with the lowest mean final loss whose seeds all finished
-  without divergence (:func:`megaspan.sweep.stages.best_lr`, the rule the sweep's stage 2 used);
+* the group's *best LR* is the LR with the lowest mean final loss, over the seeds every LR has
+  (the grid's), among LRs where no such seed diverged (:func:`megaspan.sweep.stages.best_lr`: the
+  choice the sweep's stage 2 made before it added seeds there);
 * the *best-LR loss* is the mean final validation loss over the seeds at the best LR with its
   95% t interval; the *depth gain* is l(deep) - l(shallow) between the best-LR losses (Welch);
 * *LR sensitivity* is Wortsman et al.'s mean over the grid of min(l(eta), l0) - l*
@@ -82,7 +83,21 @@ class Group:
 
     @property
     def best_lr(self) -> float | None:
-        return best_lr({lr: c.losses for lr, c in self.cells.items() if c.finished})
+        """Chosen on the seeds every LR has (the grid's seed): the choice the sweep's stage 2 made
+        before it added seeds at that LR. With all seeds, the extra seeds at the best LR could
+        move its mean above another LR's single seed and the 'best' LR would flip after the fact
+        (it did on cpu-proxy: HybridNorm at depth 24)."""
+        cells = {lr: c for lr, c in self.cells.items() if c.finished}
+        seed_sets = [{r.seed for r in c.finished} for c in cells.values()]
+        common = set.intersection(*seed_sets) if seed_sets else set()
+        if common:
+            return best_lr(
+                {
+                    lr: [None if r.diverged else r.final_loss for r in c.finished if r.seed in common]
+                    for lr, c in cells.items()
+                }
+            )
+        return best_lr({lr: c.losses for lr, c in cells.items()})
 
     @property
     def best(self) -> Interval | None:

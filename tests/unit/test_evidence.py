@@ -58,6 +58,10 @@ GRID: dict[tuple[str, int, float], list] = {
     ("deepnorm", 8, 1e-1): ["D"],
     ("mixln", 8, 1e-2): [3.3, 3.31, 3.32],
     ("lns", 8, 1e-2): [3.3],
+    # Seed 1 (the grid) picks 1e-3; its stage-2 seeds raise the mean there (3.333) above 1e-2's
+    # single seed (3.2): the best LR stays the one the sweep chose.
+    ("lns", 2, 1e-3): [3.0, 3.5, 3.5],
+    ("lns", 2, 1e-2): [3.2],
     ("peri", 8, 1e-3): ["D"],  # diverged at every LR of its (finished) grid
     ("peri", 8, 1e-2): ["D", "D"],
 }
@@ -272,6 +276,8 @@ def test_best_lr_and_sensitivity(runs):
     assert post8.best_lr == 1e-3
     assert post8.sensitivity.value == pytest.approx((0 + (4.2 - 3.7) + (4.5 - 3.7)) / 3)
     assert gs[("spannorm", 8)].best_lr == 1e-1
+    lns2 = gs[("lns", 2)]
+    assert lns2.best_lr == 1e-3 and lns2.best.mean == pytest.approx(10 / 3) and lns2.best.n == 3
     assert gs[("b2t", 8)].sensitivity.lrs == 1  # missing cells are left out, and said so
 
 

@@ -178,7 +178,8 @@ def mark_collapsed(
     The cosine rule is off by default: the diagnostics measure the cosine on the raw residual
     stream, where a component shared by every token dominates. Measured here, Pre-LN at depth 6
     reached a validation loss 0.23 nats below the unigram entropy with a last-layer cosine of
-    0.9996: a learning model the cosine rule would call collapsed. The cosine is still reported
+    0.9996 (40 steps of the tiny recipe at lr 3e-3): a learning model the cosine rule would call
+    collapsed. The cosine is still reported
     next to each collapsed run.
     """
     if record.status != "completed":

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and resumes the others from their checkpoints.",
     )
     p.add_argument(
-        "sweep", metavar="SWEEP.yaml", help="sweep file, or a shipped sweep name (cpu-proxy, cpu-small, paper-h100)"
+        "sweep",
+        metavar="SWEEP.yaml",
+        help="sweep file, or a shipped sweep name (cpu-proxy, cpu-small, paper-h100)",
     )
     p.add_argument(
         "--runs",

@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from megaspan.errors import ConfigError, RunDirError
-from megaspan.report import plots
-from megaspan.report.collect import RunRecord, collect
+from megaspan.report import evidence, plots
+from megaspan.report.collect import (
+    COLLAPSE_COSINE,
+    COLLAPSE_MARGIN,
+    RunRecord,
+    collect,
+    last_diagnostics,
+    last_layer_cosine,
+)
 from megaspan.report.tables import Table, cells_table, fmt_lr, guard_events_table, stability_table
 
 FORMATS = ("md", "html")
@@ -76,12 +83,21 @@ def _html_table(table: Table) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt: str = "md") -> Report:
+def build_report(
+    paths: list[str | Path],
+    out_dir: str | Path | None = None,
+    fmt: str = "md",
+    *,
+    collapse_cosine: float | None = None,
+) -> Report:
     """Read the runs under ``paths`` and write the report into ``out_dir`` (default: the first
-    path's ``report/``)."""
+    path's ``report/``). ``collapse_cosine``: also call a run collapsed when its last layer's
+    token cosine exceeds this (see :func:`megaspan.report.collect.mark_collapsed`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    runs = collect(list(paths))
+    if collapse_cosine is not None and not 0 < collapse_cosine <= 1:
+        raise ConfigError(f"--collapse-cosine must be in (0, 1], got {collapse_cosine}")
+    runs = collect(list(paths), collapse_cosine)
     out = Path(out_dir) if out_dir is not None else Path(paths[0]) / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +121,87 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
             + ".",
         )
     )
+    entropies = sorted({round(r.unigram_entropy, 4) for r in runs if r.unigram_entropy is not None})
+    collapsed = [r for r in runs if r.collapsed]
+    blocks.append(
+        (
+            "p",
+            (
+                "Unigram entropy of the training data (token counts of its .bin): "
+                + ", ".join(f"{h:.4f}" for h in entropies)
+                + " nats."
+                if entropies
+                else "Unigram entropy unknown (the runs do not record their training data): "
+                "collapse is judged by the token cosine only."
+            )
+            + f" A completed run is `collapsed` when its final loss is not at least {COLLAPSE_MARGIN:g} "
+            "nats below that entropy"
+            + (
+                f", or its last layer's token cosine exceeds {collapse_cosine:g}"
+                if collapse_cosine is not None
+                else " (the token-cosine rule is off: --collapse-cosine 0.99 turns it on)"
+            )
+            + f"; {len(collapsed)} of {len(runs)} runs are.",
+        )
+    )
+    lr_axis = evidence.has_lr_axis(runs)
+    if lr_axis:
+        blocks.append(("h2", "Loss vs learning rate"))
+        blocks.append(
+            (
+                "p",
+                "Mean final validation loss over the finished seeds of each (placement, depth, LR); "
+                "D = a seed diverged, C = a seed collapsed, * = the best LR (lowest mean loss among "
+                "LRs where no seed diverged).",
+            )
+        )
+        blocks.append(("table", evidence.loss_vs_lr_table(runs)))
+        blocks.append(("figure", ("loss_vs_lr", plots.loss_vs_lr(runs), "final validation loss vs LR")))
+        blocks.append(("h2", "Best-LR results and LR sensitivity"))
+        blocks.append(
+            (
+                "p",
+                "Best-LR loss: mean final validation loss over the seeds at the best LR with its 95% "
+                "t interval. LRS (Wortsman et al. 2023): mean over the LR grid of min(l(eta), l0) - l*, "
+                "l0 = the step-0 validation loss, l* = the best loss over the grid, a diverged seed "
+                "counted as l0 (0 = every LR as good as the best). Depth gain: l(deep) - l(shallow) at "
+                "each depth's best LR, 95% Welch interval (negative = depth helps).",
+            )
+        )
+        blocks.append(("table", evidence.best_lr_table(runs)))
+        ranking = evidence.ranking_table(runs)
+        if ranking[1]:
+            blocks.append(("h2", "Is the run long enough? Ranking at N vs N/2 steps"))
+            blocks.append(
+                (
+                    "p",
+                    "Placements ranked by best-LR validation loss at the last evaluation (N) and at the "
+                    "evaluation nearest N/2 of the same runs (the LR schedule has not decayed there, so "
+                    "N/2 is not a run of length N/2). Kendall tau 1 = the same order.",
+                )
+            )
+            blocks.append(("table", ranking))
+    blocks.append(("h2", "Claims"))
+    blocks.append(
+        (
+            "p",
+            "Each row is computed from the runs above: the test applied, the numbers, and the verdict "
+            "(reproduced / contradicted / inconclusive: intervals overlap, fewer than 2 seeds, or the "
+            "data is missing).",
+        )
+    )
+    blocks.append(("table", evidence.claims_table(evidence.claims(runs))))
+    if collapsed:
+        blocks.append(("h2", "Collapsed runs"))
+        blocks.append(
+            (
+                "table",
+                (
+                    ["run", "why", "last-layer token cosine"],
+                    [[r.name, r.collapse_reason, _fmt_cos(last_layer_cosine(r.path))] for r in collapsed],
+                ),
+            )
+        )
     blocks.append(("h2", "Stability"))
     blocks.append(
         (
@@ -131,6 +228,16 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
         report.figures[key] = fig
         blocks.append(("img", (path, caption)))
 
+    for i, (kind, payload) in enumerate(blocks):
+        if kind == "figure":  # figures made above, saved now that add_figure exists
+            key, fig, caption = payload
+            blocks[i] = ("skip", None)
+            if fig is not None:
+                path = plots.save(fig, out / f"{key}.png")
+                report.images.append(path)
+                report.figures[key] = fig
+                blocks[i] = ("img", (path, caption))
+
     lrs = sorted({r.lr for r in runs}, key=lambda x: (x is None, x or 0))
     depths = sorted({r.depth for r in runs}, key=lambda x: (x is None, x or 0))
     blocks.append(("h2", "Final validation loss vs depth"))
@@ -138,7 +245,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
         add_figure(
             f"val_loss_vs_depth_lr{fmt_lr(lr)}",
             plots.val_loss_vs_depth(runs, lr),
-            f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged",
+            f"final validation loss vs depth, lr {fmt_lr(lr)}; x = a seed diverged, ring = collapsed",
         )
     blocks.append(("h2", "Loss curves"))
     for depth in depths:
@@ -149,15 +256,64 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
         )
     blocks.append(("h2", "Per-layer profiles at the end of training"))
     before = len(report.images)
-    for depth in depths:
-        for lr in lrs:
+    if lr_axis:
+        # One figure per depth at each placement's best LR (not one per LR: the grid is wide).
+        best_runs = [r for g in evidence.groups(runs) for r in g.best_runs()]
+        for depth in depths:
             add_figure(
-                f"layer_profiles_L{depth}_lr{fmt_lr(lr)}",
-                plots.layer_profiles(runs, depth, lr),
-                f"per-layer profiles, depth {depth}, lr {fmt_lr(lr)}",
+                f"layer_profiles_L{depth}_best_lr",
+                plots.layer_profiles(
+                    best_runs,
+                    depth,
+                    None,
+                    title=f"per-layer profiles at each placement's best LR, depth {depth}",
+                ),
+                f"per-layer profiles, depth {depth}, each placement at its best LR",
             )
+    else:
+        best_runs = runs
+        for depth in depths:
+            for lr in lrs:
+                add_figure(
+                    f"layer_profiles_L{depth}_lr{fmt_lr(lr)}",
+                    plots.layer_profiles(runs, depth, lr),
+                    f"per-layer profiles, depth {depth}, lr {fmt_lr(lr)}",
+                )
     if len(report.images) == before:
         blocks.append(("p", "No diagnostics.jsonl in these runs (set logging.diagnostics_interval)."))
+    else:
+        records = [rec for r in best_runs if (rec := last_diagnostics(r.path)) is not None]
+        layer_fields, top_fields = plots.mechanism_fields(records)
+        blocks.append(("h2", "Mechanism metrics"))
+        if layer_fields:
+            for depth in depths:
+                add_figure(
+                    f"mechanism_L{depth}",
+                    plots.mechanism_profiles(
+                        best_runs, depth, layer_fields, f"mechanism metrics per layer, depth {depth}"
+                    ),
+                    f"per-layer mechanism metrics ({', '.join(layer_fields)}), depth {depth}",
+                )
+        if top_fields:
+            for depth in depths:
+                add_figure(
+                    f"model_metrics_L{depth}",
+                    plots.model_curves(
+                        best_runs, depth, top_fields, f"model-level metrics vs step, depth {depth}"
+                    ),
+                    f"model-level diagnostics ({', '.join(top_fields)}) vs step, depth {depth}",
+                )
+            blocks.append(("p", "Model-level diagnostics at the end of training (mean over the seeds):"))
+            blocks.append(("table", _scalar_table(best_runs, top_fields)))
+        if not layer_fields and not top_fields:
+            blocks.append(
+                (
+                    "p",
+                    "No mechanism fields beyond the per-layer profiles above in these runs' "
+                    "diagnostics.jsonl (attention logits and entropy, log-Z, relative update are "
+                    "plotted when the trainer records them); skipped.",
+                )
+            )
 
     blocks.append(("h2", "Config and versions"))
     common, varied = _config_blocks(runs)
@@ -173,6 +329,30 @@ def build_report(paths: list[str | Path], out_dir: str | Path | None = None, fmt
 
     report.page.write_text(_render_md(title, blocks, out) if fmt == "md" else _render_html(title, blocks))
     return report
+
+
+def _fmt_cos(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" (> {COLLAPSE_COSINE:g})" if value > COLLAPSE_COSINE else "")
+
+
+def _scalar_table(runs: list[RunRecord], fields: list[str]) -> Table:
+    """Top-level diagnostics scalars (e.g. log-Z) of the last record, mean over each group's seeds."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in runs:
+        record = last_diagnostics(r.path)
+        if record is not None:
+            rows.setdefault((r.placement, r.depth, r.lr), []).append(record)
+    headers = ["placement", "depth", "lr", *fields]
+    out = []
+    for (p, d, lr), recs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        cells = []
+        for f in fields:
+            vals = [v[f] for v in (plots.model_values(x) for x in recs) if f in v]
+            cells.append(f"{sum(vals) / len(vals):.4g}" if vals else "-")
+        out.append([p, str(d), fmt_lr(lr), *cells])
+    return headers, out
 
 
 def _render_md(title: str, blocks: list[tuple[str, Any]], out: Path) -> str:

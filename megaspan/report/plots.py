@@ -29,13 +29,15 @@ PROFILE_PANELS = (
 
 
 def _colors(placements: list[str]) -> dict[str, str]:
-    palette = matplotlib.colormaps["tab10"]
-    return {p: palette(i % 10) for i, p in enumerate(placements)}
+    # tab10 up to 10 placements; beyond that tab20, so 11 placements do not share a colour.
+    name, n = ("tab10", 10) if len(placements) <= 10 else ("tab20", 20)
+    palette = matplotlib.colormaps[name]
+    return {p: palette(i % n) for i, p in enumerate(placements)}
 
 
 def val_loss_vs_depth(runs: list[RunRecord], lr: float | None) -> Figure | None:
     """Final validation loss vs depth at one LR: a line per placement (error bars over seeds);
-    depths where a seed diverged get a red x at the top of the axes."""
+    depths where a seed diverged get an x at the top of the axes, collapsed cells a hollow ring."""
     cells = [c for c in group_cells(runs) if c.lr == lr and c.depth is not None]
     if not cells:
         return None
@@ -56,6 +58,8 @@ def val_loss_vs_depth(runs: list[RunRecord], lr: float | None) -> Figure | None:
                 ys.append(mean)
                 es.append(std)
                 finite.append(mean)
+                if any(r.collapsed for r in c.runs):
+                    ax.scatter([c.depth], [mean], s=110, facecolors="none", edgecolors=colors[p], zorder=4)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=p, color=colors[p])
     if diverged_x:
         top = max(finite) * 1.02 if finite else 1.0
@@ -146,12 +150,16 @@ def _layer_values(record: dict, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def layer_profiles(runs: list[RunRecord], depth: int | None, lr: float | None) -> Figure | None:
+def layer_profiles(
+    runs: list[RunRecord], depth: int | None, lr: float | None, *, title: str | None = None
+) -> Figure | None:
     """Per-layer profiles at the end of training (last diagnostics record of the lowest seed of
-    each placement): gradient norm, residual RMS, token cosine, angular distance."""
+    each placement): gradient norm, residual RMS, token cosine, angular distance. ``lr=None``
+    with runs from several LRs takes every run given (the caller chose them, e.g. best LRs)."""
     records: dict[str, dict] = {}
     for r in sorted(
-        (r for r in runs if r.depth == depth and r.lr == lr), key=lambda r: (r.seed is None, r.seed or 0)
+        (r for r in runs if r.depth == depth and (r.lr == lr or title is not None)),
+        key=lambda r: (r.seed is None, r.seed or 0),
     ):
         if r.placement in records:
             continue
@@ -186,7 +194,188 @@ def layer_profiles(runs: list[RunRecord], depth: int | None, lr: float | None) -
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"per-layer profiles at the end of training: depth {depth}, lr {fmt_lr(lr)}")
+    fig.suptitle(title or f"per-layer profiles at the end of training: depth {depth}, lr {fmt_lr(lr)}")
+    fig.tight_layout()
+    return fig
+
+
+def loss_vs_lr(runs: list[RunRecord]) -> Figure | None:
+    """Final validation loss against LR (log x): a panel per depth, a line per placement (mean
+    over finished seeds). Diverged cells: x at the top of the panel; collapsed cells: a hollow
+    marker; the dashed line is the unigram entropy of the training data."""
+    from megaspan.report.evidence import groups
+
+    gs = [g for g in groups(runs) if g.depth is not None]
+    if not gs:
+        return None
+    depths = sorted({g.depth for g in gs})
+    placements = sorted({g.placement for g in gs})
+    colors = _colors(placements)
+    fig = Figure(figsize=(6.5 * len(depths), 5))
+    axes = fig.subplots(1, len(depths), squeeze=False)[0]
+    entropy = next((r.unigram_entropy for r in runs if r.unigram_entropy is not None), None)
+    for ax, depth in zip(axes, depths):
+        finite_ys: list[float] = []
+        diverged: list[tuple[str, float]] = []
+        for g in (g for g in gs if g.depth == depth):
+            xs, ys = [], []
+            for lr, cell in sorted(g.cells.items()):
+                vals = [v for v in cell.losses if v is not None and math.isfinite(v)]
+                if any(r.diverged for r in cell.runs):
+                    diverged.append((g.placement, lr))
+                if not vals:
+                    continue
+                mean = sum(vals) / len(vals)
+                xs.append(lr)
+                ys.append(mean)
+                finite_ys.append(mean)
+                if any(r.collapsed for r in cell.runs):
+                    ax.scatter(
+                        [lr], [mean], s=90, facecolors="none", edgecolors=colors[g.placement], zorder=4
+                    )
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=4, color=colors[g.placement], label=g.placement)
+        top = (max(finite_ys) if finite_ys else 1.0) + 0.05
+        if diverged:
+            ax.scatter(
+                [lr for _, lr in diverged],
+                [top] * len(diverged),
+                marker="x",
+                s=60,
+                c=[colors[p] for p, _ in diverged],
+                zorder=5,
+            )
+        if entropy is not None:
+            ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final validation loss")
+        ax.set_title(f"depth {depth}")
+        ax.grid(alpha=0.3)
+    with_lines = [ax for ax in axes if ax.lines]
+    if with_lines:
+        with_lines[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(
+        "final validation loss vs LR (mean over seeds); x = a seed diverged, hollow = collapsed, "
+        "dashed = unigram entropy of the training data"
+    )
+    fig.tight_layout()
+    return fig
+
+
+KNOWN_LAYER_FIELDS = {
+    "rms",
+    "token_cosine",
+    "angular_distance",
+    "max_abs",
+    "attn_grad_norm",
+    "mlp_grad_norm",
+    "attn_update_ratio",
+    "mlp_update_ratio",
+    "moe_tokens_per_expert",
+    "moe_load_cv",
+    "moe_router_entropy",
+}
+
+
+def mechanism_fields(records: list[dict]) -> tuple[list[str], list[str]]:
+    """(per-layer numeric fields beyond the four profile panels' inputs, model-level numeric
+    fields: the record's ``model`` object, e.g. ``lm_head_log_z``, ``relative_update``, and any
+    top-level number but ``step``) found in diagnostics records: whatever the trainer recorded."""
+    layer, top = set(), set()
+    for record in records:
+        top.update(model_values(record))
+        for values in record.get("layers", {}).values():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    if key not in KNOWN_LAYER_FIELDS and _number(value):
+                        layer.add(key)
+    return sorted(layer), sorted(top)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def model_values(record: dict) -> dict[str, float]:
+    """A diagnostics record's model-level numbers (its ``model`` object and top-level numbers)."""
+    out = {k: float(v) for k, v in record.items() if k not in ("step", "layers", "model") and _number(v)}
+    model = record.get("model")
+    if isinstance(model, dict):
+        out.update({k: float(v) for k, v in model.items() if _number(v)})
+    return out
+
+
+def model_curves(runs: list[RunRecord], depth: int | None, fields: list[str], title: str) -> Figure | None:
+    """Model-level diagnostics against step (log x), a panel per field, a line per placement (its
+    lowest seed among ``runs``): e.g. the relative model update ||f(x; theta_t) - f(x; theta_0)|| /
+    ||f(x; theta_0)|| (DeepNet's amplification signal) and the LM head's log-Z."""
+    from megaspan.report.evidence import diagnostics_records
+
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in sorted((r for r in runs if r.depth == depth), key=lambda r: (r.seed is None, r.seed or 0)):
+        if r.placement in curves:
+            continue
+        points: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for record in diagnostics_records(r.path):
+            for key, value in model_values(record).items():
+                points[key].append((int(record.get("step", 0)), value))
+        if points:
+            curves[r.placement] = points
+    if not curves or not fields:
+        return None
+    placements = sorted(curves)
+    colors = _colors(placements)
+    fig = Figure(figsize=(5.5 * len(fields), 4))
+    axes = fig.subplots(1, len(fields), squeeze=False)[0]
+    for ax, key in zip(axes, fields):
+        for p in placements:
+            pts = sorted(curves[p].get(key, []))
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker=".", color=colors[p], label=p)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.set_xscale("log")
+            ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def mechanism_profiles(
+    runs: list[RunRecord], depth: int | None, fields: list[str], title: str
+) -> Figure | None:
+    """One panel per extra per-layer diagnostics field (e.g. attention max logit / entropy), a line
+    per placement, from the last record of each placement's lowest seed among ``runs``."""
+    records: dict[str, dict] = {}
+    for r in sorted((r for r in runs if r.depth == depth), key=lambda r: (r.seed is None, r.seed or 0)):
+        if r.placement not in records and (rec := last_diagnostics(r.path)) is not None:
+            records[r.placement] = rec
+    if not records or not fields:
+        return None
+    placements = sorted(records)
+    colors = _colors(placements)
+    cols = min(3, len(fields))
+    rows = math.ceil(len(fields) / cols)
+    fig = Figure(figsize=(5.5 * cols, 4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, key in zip(axes, fields):
+        for p in placements:
+            xs, ys = _layer_values(records[p], key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, color=colors[p], label=p)
+        ax.set_title(key)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[len(fields) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

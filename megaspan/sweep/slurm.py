@@ -2,7 +2,8 @@
 
 The cells are frozen to ``<runs>/sweep.<time>.json`` first, so editing the YAML later does not
 change queued tasks; only cells that are not completed/diverged get an array index, so
-resubmitting a half-done sweep runs what is left (preempted cells resume from their checkpoint:
+resubmitting a half-done sweep runs what is left (and, for a sweep with ``best_lr_seeds``, the
+stage-2 seeds of every group whose LR grid has finished) (preempted cells resume from their checkpoint:
 train.sbatch requeues them and ``checkpoint.resume`` defaults to auto).
 """
 
@@ -20,6 +21,7 @@ import megaspan
 from megaspan.errors import BackendError
 from megaspan.sweep.runner import default_runs_dir
 from megaspan.sweep.spec import freeze
+from megaspan.sweep.stages import stage2_cells
 from megaspan.sweep.status import FINISHED, run_status
 
 
@@ -63,6 +65,11 @@ def submit(
 ) -> tuple[list[str], str | None, list[int]]:
     """sbatch the unfinished cells; returns (command, job id or None when dry/nothing to do, indices)."""
     runs_dir = (Path(runs_dir) if runs_dir is not None else default_runs_dir(sweep)).resolve()
+    # A two-stage sweep: stage 2's cells exist once their group's LR grid has finished, so a
+    # submission after the grid's array job ends queues them (submit again when it is done).
+    base = [c for c in sweep["cells"] if not c.get("stage2")]
+    sweep = dict(sweep, cells=base)
+    sweep["cells"] = base + stage2_cells(sweep, runs_dir)
     pending = [c["index"] for c in sweep["cells"] if run_status(runs_dir / c["name"]) not in FINISHED]
     root = checkout_root()
     frozen = runs_dir / f"sweep.{time.strftime('%Y%m%d-%H%M%S')}.json"

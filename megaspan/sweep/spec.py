@@ -15,6 +15,7 @@ A sweep file looks like::
       lr: [1.0e-3, 3.0e-4]         # alias of optimizer.lr
       seed: [1, 2]                 # alias of training.seed
       model.hidden_size: [256]     # any dotted key works as an axis too
+    best_lr_seeds: [2, 3]          # optional, needs an lr axis: a second stage, see below
 
 An axis value may also be a labelled bundle of overrides, for variants that differ in more than
 one key (the label names the cell and the report's group)::
@@ -24,6 +25,9 @@ one key (the label names the cell and the report's group)::
         - spannorm
         - {label: spannorm-attn, set: {model.norm_placement: spannorm,
                                        model.norm.span_include_attn_term: true}}
+
+With ``best_lr_seeds``, the axes are stage 1 (the LR grid) and the runner adds stage 2 as the
+grid finishes: these seeds at each group's best grid LR (:mod:`megaspan.sweep.stages`).
 
 Aliases (singular or plural): placement(s), depth(s), lr(s), seed(s). Cells are numbered in
 row-major order; SLURM_ARRAY_TASK_ID picks one. A cell's name comes from its axis values
@@ -149,7 +153,7 @@ def expand(data: dict, source: str = "sweep", base_dir: Path | None = None) -> d
     """
     if "cells" in data and "axes" not in data:  # already frozen
         return data
-    unknown = set(data) - {"name", "config", "fixed", "axes", "description"}
+    unknown = set(data) - {"name", "config", "fixed", "axes", "description", "best_lr_seeds"}
     if unknown:
         raise SweepError(f"{source}: unknown top-level keys {sorted(unknown)}")
     name = data.get("name")
@@ -223,7 +227,21 @@ def expand(data: dict, source: str = "sweep", base_dir: Path | None = None) -> d
                 "variant": variant,
             }
         )
-    return {"name": name, "config": config, "cells": cells}
+    out = {"name": name, "config": config, "cells": cells}
+    seeds = data.get("best_lr_seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in seeds
+        ):
+            raise SweepError(f"{source}: 'best_lr_seeds' must be a list of integer seeds, e.g. [2, 3]")
+        if "optimizer.lr" not in axis_keys:
+            raise SweepError(
+                f"{source}: 'best_lr_seeds' needs an lr axis (the grid the best LR is picked from)"
+            )
+        if "training.seed" in axis_keys and axis_keys[-1] != "training.seed":
+            raise SweepError(f"{source}: with 'best_lr_seeds' the seed axis must come last")
+        out["best_lr_seeds"] = seeds
+    return out
 
 
 def _is_bundle(value: Any) -> bool:

@@ -143,6 +143,21 @@ class Data:
     tokenizer_hash: str | None = None  # content hash: recorded in config.yaml and every checkpoint
     identity: dict | None = None  # prefixes, sizes, .idx hashes, blend: recorded in every checkpoint
     valid_sets: dict = dataclasses.field(default_factory=dict)  # data.valid_sets: {name: dataset}
+    prefixes: dict[str, list[str]] | None = None
+    """The .bin/.idx prefixes each split reads ({"train": [...], "valid": [...]}), recorded in
+    config.yaml and summary.json so that a report can read the real training data (its unigram
+    entropy is what a collapsed run's loss sits at)."""
+
+
+def dataset_prefixes(datasets) -> dict[str, list[str]]:
+    """{split: [path prefix, ...]} of Megatron (blended) datasets; splits without data left out."""
+    out: dict[str, list[str]] = {}
+    for name, ds in zip(("train", "valid", "test"), datasets):
+        parts = getattr(ds, "datasets", None) or ([ds] if ds is not None else [])
+        paths = [str(p.dataset_path) for p in parts if getattr(p, "dataset_path", None)]
+        if paths:
+            out[name] = sorted(set(paths))
+    return out
 
 
 def build_data(cfg: MegaspanConfig) -> Data:
@@ -176,7 +191,15 @@ def build_data(cfg: MegaspanConfig) -> Data:
         _sample_counts(cfg)[1],
         create_attention_mask=cfg.data.reset_attention_mask,
     )
-    return Data(vocab, datasets, str(tokenizer.path), tokenizer.sha256, identity, valid_sets)
+    return Data(
+        vocab,
+        datasets,
+        str(tokenizer.path),
+        tokenizer.sha256,
+        identity,
+        valid_sets,
+        dataset_prefixes(datasets),
+    )
 
 
 def _on_rank0[T](action: Callable[[], T], *, everywhere: bool = False) -> T | None:
@@ -243,6 +266,7 @@ def resolved_config(cfg: MegaspanConfig, trainer: Trainer, data: Data) -> tuple[
     extra = {
         "tokenizer_hash": data.tokenizer_hash,
         "world": dataclasses.asdict(p.layout),
+        "data": data.prefixes if data.prefixes is not None else dataset_prefixes(data.datasets),
         "versions": {
             "megaspan": megaspan.__version__,
             "torch": torch.__version__,

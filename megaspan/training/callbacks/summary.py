@@ -4,11 +4,15 @@ and on an error. Schema (one object)::
     {"status": "completed|diverged|preempted|failed", "steps": int, "tokens": int,
      "wall_time_s": float, "tokens_per_s": float, "final_train_loss": float|null,
      "final_val_loss": float|null, "best_val_loss": float|null, "loss_spikes": int,
-     "guard_events": [{"step", "kind", "reason", "action"}], "diagnostics": {...}|null,
-     "config": {...}, "versions": {...}}
+     "initial_val_loss": float|null, "guard_events": [{"step", "kind", "reason", "action"}],
+     "diagnostics": {...}|null, "config": {...}, "versions": {...},
+     "data": {"train": [prefix, ...], "valid": [...]}}
 
 ``diagnostics``: the mechanism metrics of :class:`megaspan.training.diagnostics.DiagnosticsHook`
-(null without ``logging.diagnostics_interval``).
+(null without ``logging.diagnostics_interval``). ``initial_val_loss`` is the validation loss at
+step 0, before any update (the loss at initialisation that LR sensitivity caps a diverged run
+at); ``data`` names the .bin/.idx prefixes the run read, so a report can compute the training
+data's unigram entropy.
 
 ``final_train_loss`` is the mean of the last ``window`` step losses (steps whose update was
 dropped left out); ``loss_spikes`` counts steps
@@ -65,11 +69,13 @@ class SummaryHook(Hook):
         self.previous: dict = {}
         self.config: dict = {}
         self.versions: dict = {}
+        self.data: dict = {}
 
     def on_fit_start(self, trainer) -> None:
         self.started = time.monotonic()
         resolved = getattr(trainer, "resolved", None) or {}
         self.config, self.versions = resolved.get("config", {}), resolved.get("versions", {})
+        self.data = resolved.get("data") or {}
         if trainer.progress.step > 0:
             try:
                 self.previous = json.loads(self.path.read_text())
@@ -122,11 +128,15 @@ class SummaryHook(Hook):
             else None,
             "final_val_loss": _finite(vals[-1]) if vals else self.previous.get("final_val_loss"),
             "best_val_loss": min(best) if best else None,
+            "initial_val_loss": _finite(vals[0])
+            if trainer.val_losses and trainer.val_losses[0][0] == 0
+            else self.previous.get("initial_val_loss"),
             "loss_spikes": self.spike_count,
             "guard_events": self.previous.get("guard_events", []) + trainer.events,
             "diagnostics": _merged(self.previous.get("diagnostics"), getattr(trainer, "diagnostics", None)),
             "config": self.config,
             "versions": self.versions,
+            "data": self.data,
         }
         named = {
             name: {"final_loss": _finite(losses[-1][1]), "best_loss": min(v for _, v in losses)}

@@ -248,3 +248,29 @@ def test_cli_report(sweep_dir, tmp_path, capsys):
     assert "report.html (19 runs, 7 plots)" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "megaspan: error:" in capsys.readouterr().err
+
+
+def test_a_failed_run_counts_in_the_tables_and_seeds(tmp_path):
+    """A failed seed (crashed, exit code recorded by the sweep runner) is neither dropped from the
+    cell nor counted as a trained one: the cell shows it, and its seed count includes it."""
+    from megaspan.report.tables import cells_table
+    from megaspan.sweep.status import EXIT_FILE
+
+    root = tmp_path / "f"
+    _write_run(root / "spannorm-L2-s1", "spannorm", 2, 1, diverged=False, tb=False)
+    failed = root / "spannorm-L2-s2"
+    _write_run(failed, "spannorm", 2, 2, diverged=False, tb=False)
+    summary = json.loads((failed / "summary.json").read_text())
+    summary.update(status="failed", final_train_loss=None, final_val_loss=None, best_val_loss=None)
+    (failed / "summary.json").write_text(json.dumps(summary))
+    (failed / EXIT_FILE).write_text("1\n")
+    runs = collect([root])
+    assert sorted(r.status for r in runs) == ["completed", "failed (exit 1)"]
+    headers, rows = cells_table(runs)
+    [row] = [dict(zip(headers, r)) for r in rows]
+    assert row["status"] == "1 completed, 1 failed (exit 1)" and row["seeds"] == "2"
+    headers, rows = stability_table(runs)
+    [row] = [dict(zip(headers, r)) for r in rows]
+    assert row["seeds"] == "2"
+    # its loss is not averaged in: the completed seed's alone
+    assert row["final val loss"].startswith(f"{_final('spannorm', 2, 1):.4f}")

@@ -105,3 +105,20 @@ def stop_with_launchers(
     thread.stop = stop  # type: ignore[attr-defined]
     thread.start()
     return thread
+
+
+def megaspan_command(python: str, nproc: int = 1) -> list[str]:
+    """The command line that starts ``megaspan`` with ``nproc`` ranks on this machine (arguments
+    follow): ``python -m megaspan``, or torchrun with a private rendezvous (``--standalone``,
+    so that concurrent launches never share a port)."""
+    if nproc <= 1:
+        return [python, "-m", "megaspan"]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megaspan",
+    ]

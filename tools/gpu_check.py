@@ -49,6 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's megaspan, whatever the interpreter has installed
+
+from megaspan.launchers import megaspan_command  # noqa: E402
 
 PASS, FAIL, SKIP, MISS = "PASS", "FAIL", "SKIP", "MISS"
 PRECISIONS = ("bf16", "fp8-tensorwise", "fp8-delayed")
@@ -320,18 +323,7 @@ def train_command(run: Run, python: str, run_dir: Path, seed_ckpt: Path | None) 
         ]
     else:
         overrides += ["checkpoint.resume=none"]
-    launcher = [python, "-m", "megaspan"]
-    if run.nproc > 1:
-        launcher = [
-            python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={run.nproc}",
-            "-m",
-            "megaspan",
-        ]
-    return [*launcher, "train", "--config", "tiny", *overrides]
+    return [*megaspan_command(python, run.nproc), "train", "--config", "tiny", *overrides]
 
 
 @dataclass
@@ -477,18 +469,7 @@ def run_bench(python: str, out: Path, ngpu: int, te: bool) -> list[Result]:
         json_path = out / f"bench-{preset}.json"
         args = ["bench", "--preset", preset, "--placements", placements, "--precision", *precisions]
         args += ["--json", str(json_path), *extra]
-        cmd = [python, "-m", "megaspan", *args]
-        if "moe" in preset and nproc > 1:
-            cmd = [
-                python,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={nproc}",
-                "-m",
-                "megaspan",
-                *args,
-            ]
+        cmd = [*megaspan_command(python, nproc if "moe" in preset else 1), *args]
         start = time.monotonic()
         with open(out / f"bench-{preset}.log", "w") as fh:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode

@@ -104,16 +104,8 @@ def build_datasets(
     # under the same prefix would be read through the old document/sample indices (wrong
     # samples, then a crash). One cache subdirectory per content (.idx hash, sizes) instead.
     path_to_cache = cache / "index_cache" / cache_key(dataset_identity(data_cfg, tokenizer))
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=tokenizer,
-        path_to_cache=str(path_to_cache),
-        reset_position_ids=data_cfg.reset_position_ids,
-        reset_attention_mask=data_cfg.reset_attention_mask,
-        eod_mask_loss=data_cfg.eod_mask_loss,
-        create_attention_mask=create_attention_mask,
-        **split_source,
+    config = _gpt_config(
+        data_cfg, tokenizer, seq_length, seed, path_to_cache, create_attention_mask, **split_source
     )
     with _index_cache_lock(cache / "index_cache"):  # one lock for every content's subdirectory
         train, valid, test = BlendedMegatronDatasetBuilder(
@@ -200,15 +192,13 @@ def build_valid_sets(
         # gets fresh indices, never the old ones.
         index_cache = default_cache_dir(data_cfg.cache_dir) / "index_cache"
         path_to_cache = index_cache / cache_key(data_identity([prefix], None, None, index_cache))
-        config = GPTDatasetConfig(
-            random_seed=seed,
-            sequence_length=seq_length,
-            tokenizer=tokenizer,
-            path_to_cache=str(path_to_cache),
-            reset_position_ids=data_cfg.reset_position_ids,
-            reset_attention_mask=data_cfg.reset_attention_mask,
-            eod_mask_loss=data_cfg.eod_mask_loss,
-            create_attention_mask=create_attention_mask,
+        config = _gpt_config(
+            data_cfg,
+            tokenizer,
+            seq_length,
+            seed,
+            path_to_cache,
+            create_attention_mask,
             blend_per_split=[None, ([prefix], None), None],
         )
         with _index_cache_lock(index_cache):
@@ -216,6 +206,29 @@ def build_valid_sets(
                 GPTDataset, [0, num_samples, 0], is_built_on_rank, config
             ).build()
     return sets
+
+
+def _gpt_config(
+    data_cfg: DataConfig,
+    tokenizer,
+    seq_length: int,
+    seed: int,
+    path_to_cache: Path,
+    create_attention_mask: bool,
+    **split_source,
+) -> GPTDatasetConfig:
+    """Megatron's dataset config from ``data.*``; ``split_source`` is the blend (per split)."""
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        path_to_cache=str(path_to_cache),
+        reset_position_ids=data_cfg.reset_position_ids,
+        reset_attention_mask=data_cfg.reset_attention_mask,
+        eod_mask_loss=data_cfg.eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+        **split_source,
+    )
 
 
 @contextlib.contextmanager

@@ -282,17 +282,23 @@ def _float(text: str) -> float:
         return math.nan
 
 
-def last_diagnostics(run_dir: Path) -> dict[str, Any] | None:
-    """The last complete record of ``diagnostics.jsonl`` (a torn last line is ignored)."""
+def diagnostics_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record of ``diagnostics.jsonl``, in order (torn lines skipped)."""
     path = Path(run_dir) / DIAGNOSTICS
     if not path.is_file():
-        return None
-    last = None
+        return []
+    out = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("layers"), dict):
-            last = record
-    return last
+            out.append(record)
+    return out
+
+
+def last_diagnostics(run_dir: Path) -> dict[str, Any] | None:
+    """The last complete record of ``diagnostics.jsonl`` (a torn last line is ignored)."""
+    records = diagnostics_records(run_dir)
+    return records[-1] if records else None

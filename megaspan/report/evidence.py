@@ -21,7 +21,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megaspan.report.collect import RunRecord, last_diagnostics
+from megaspan.report.collect import RunRecord, diagnostics_records, last_diagnostics
 from megaspan.report.stats import (
     Interval,
     Sensitivity,
@@ -301,25 +301,6 @@ def late_angular_distance(run: RunRecord) -> float | None:
     vals = [v.get("angular_distance") for _, v in rows[-_quarter(len(rows)) :]]
     vals = [float(x) for x in vals if isinstance(x, (int, float))]
     return sum(vals) / len(vals) if vals else None
-
-
-def diagnostics_records(run_dir) -> list[dict]:
-    """Every complete record of ``<run_dir>/diagnostics.jsonl`` (torn lines skipped)."""
-    import json
-    from pathlib import Path
-
-    path = Path(run_dir) / "diagnostics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("layers"), dict):
-            out.append(record)
-    return out
 
 
 def first_diagnostics(run_dir) -> dict | None:

@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # before pyplot: headless machines and Slurm nodes have n
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from megaspan.report.collect import RunRecord, last_diagnostics  # noqa: E402
+from megaspan.report.collect import RunRecord, diagnostics_records, last_diagnostics  # noqa: E402
 from megaspan.report.tables import fmt_lr, group_cells, mean_std  # noqa: E402
 
 PROFILE_PANELS = (
@@ -310,7 +310,6 @@ def model_curves(runs: list[RunRecord], depth: int | None, fields: list[str], ti
     """Model-level diagnostics against step (log x), a panel per field, a line per placement (its
     lowest seed among ``runs``): e.g. the relative model update ||f(x; theta_t) - f(x; theta_0)|| /
     ||f(x; theta_0)|| (DeepNet's amplification signal) and the LM head's log-Z."""
-    from megaspan.report.evidence import diagnostics_records
 
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in sorted((r for r in runs if r.depth == depth), key=lambda r: (r.seed is None, r.seed or 0)):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from megaspan.launchers import child_env
+from megaspan.launchers import child_env, megaspan_command
 from megaspan.sweep.spec import SweepError, cell_args, freeze
 from megaspan.sweep.stages import stage2_cells
 from megaspan.sweep.status import EXIT_FILE, FINISHED, final_loss, read_summary, run_status, status_label
@@ -63,19 +63,7 @@ def train_command(
     args = cell_args(sweep, index)
     config = args[:2] if args[:1] == ["--config"] else []
     overrides = args[len(config) :]
-    if nproc > 1:
-        # --standalone: a private rendezvous per cell, so concurrent cells never share a port.
-        launcher = [
-            python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "megaspan",
-        ]
-    else:
-        launcher = [python, "-m", "megaspan"]
+    launcher = megaspan_command(python, nproc)
     return [
         *launcher,
         "train",

@@ -33,7 +33,7 @@ from megaspan.training.checkpoint import (
     save_checkpoint,
 )
 from megaspan.training.checkpoint import save as ck_save
-from tests.helpers.models import tiny_overrides
+from tests.helpers.models import one_optimizer_step, tiny_overrides
 
 VOCAB = 128
 
@@ -49,20 +49,6 @@ def _save(objs, ckpt_dir: Path, step: int, keep_last: int | None = None, **kw) -
     return save_checkpoint(
         ckpt_dir, Progress(step, step * 4), objs.chunks, objs.optimizer, objs.scheduler, {}, keep_last, **kw
     )
-
-
-def _train_step(objs) -> None:
-    """One real optimizer step (so Adam has state and the scheduler has a step count)."""
-    for chunk in objs.model:
-        chunk.zero_grad_buffer()
-    objs.optimizer.zero_grad()
-    loss = sum((p.float() ** 2).sum() for p in objs.model[0].parameters()) * 1e-3
-    loss.backward()
-    objs.scheduler.step(increment=1)
-    from megaspan.training.setup import cuda_free
-
-    with cuda_free():
-        objs.optimizer.step()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -182,7 +168,7 @@ def test_checkpoint_of_another_model_names_the_tensor_and_shapes(mcore, tmp_path
 
 def test_resume_with_another_tokenizer_is_refused(mcore, tmp_path):
     objs = _objs()
-    _train_step(objs)
+    one_optimizer_step(objs)
     path = _save(objs, tmp_path, 1, tokenizer_hash="a" * 64)
     assert json.loads((path / META_FILE).read_text())["tokenizer_hash"] == "a" * 64
     with pytest.raises(CheckpointError) as err:
@@ -197,7 +183,7 @@ def test_resume_with_another_tokenizer_is_refused(mcore, tmp_path):
 def test_resume_with_changed_optimizer_hyperparameters(mcore, tmp_path):
     objs = _objs("schedule.warmup_steps=1", "training.steps=8")
     for _ in range(3):
-        _train_step(objs)
+        one_optimizer_step(objs)
     path = _save(objs, tmp_path, 3)
     changed_cfg = (
         "optimizer.lr=0.002",
@@ -234,12 +220,12 @@ def test_resume_with_changed_optimizer_hyperparameters(mcore, tmp_path):
     )
     moments = [s["exp_avg"] for s in inner.state.values() if "exp_avg" in s]
     assert moments and any(float(m.abs().sum()) > 0 for m in moments)
-    _train_step(resumed_objs)  # and training goes on
+    one_optimizer_step(resumed_objs)  # and training goes on
 
 
 def test_unchanged_resume_reports_no_changes(mcore, tmp_path):
     objs = _objs()
-    _train_step(objs)
+    one_optimizer_step(objs)
     path = _save(objs, tmp_path, 1)
     again = _objs()
     assert load_checkpoint(path, again.chunks, again.optimizer, again.scheduler).changed == {}

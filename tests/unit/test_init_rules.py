@@ -73,17 +73,29 @@ def test_spannorm_b2t_branch_init(mcore):
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_deepnorm_beta_hits_exactly_v_rows(mcore, moe):
-    before, after = build_pair("deepnorm", moe)
+    _check_deepnorm_v_rows(*build_pair("deepnorm", moe), HEADS, GROUPS)
+
+
+# Other group shapes: 8 heads in 2 groups (4 query heads a group), and plain multi-head attention.
+# With the default 4 heads / 2 groups, heads // groups == heads - groups: a wrong formula passed.
+@pytest.mark.parametrize("heads,groups", [(8, 2), (4, 4)], ids=["gqa-8-2", "mha-4"])
+def test_deepnorm_v_rows_for_other_group_shapes(mcore, heads, groups):
+    extra = (f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}")
+    _check_deepnorm_v_rows(*build_pair("deepnorm", extra=extra), heads, groups)
+
+
+def _check_deepnorm_v_rows(before, after, heads: int, groups: int) -> None:
+    hn = HIDDEN // heads  # the head dim of this shape
     beta = (8 * L) ** -0.25
-    per_group = (HEADS // GROUPS + 2) * HN
+    per_group = (heads // groups + 2) * hn
     for name, b in before.items():
         a = after[name]
         if name.endswith("linear_qkv.weight"):
             rows = torch.arange(b.shape[0])
-            is_v = (rows % per_group) >= per_group - HN  # [q q | k | v] per query group
+            is_v = (rows % per_group) >= per_group - hn  # [q q | k | v] per query group
             torch.testing.assert_close(a[is_v], b[is_v] * beta, msg=name)
             torch.testing.assert_close(a[~is_v], b[~is_v], msg=name)
-            assert int(is_v.sum()) == GROUPS * HN
+            assert int(is_v.sum()) == groups * hn
         elif re.search(r"linear_fc1\.weight$", name):
             # SwiGLU: [activated; linear] rows. torchscale's GLU scales fc1 (activated), not the gate.
             half = b.shape[0] // 2

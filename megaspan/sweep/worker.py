@@ -33,6 +33,12 @@ def _entry(spec: str):
 
 
 def serve(entry: str = "megaspan.cli:main") -> int:
+    from megaspan.launchers import stop_with_launchers
+
+    # The runner listed itself in MEGASPAN_WATCH_PIDS: when it is killed -9, this worker stops
+    # too (SIGTERM to itself: a cell in flight saves its checkpoint; an idle worker just ends),
+    # as a `megaspan train` of its own would.
+    stop_with_launchers()
     try:
         return _serve(entry)
     except KeyboardInterrupt:  # Ctrl-C while waiting for a cell: nothing in flight, just end

@@ -169,9 +169,22 @@ def test_resume_runs_only_unfinished_cells_and_a_crash_fails_one_cell(tmp_path, 
         ["post-L2-lr0.001-s1", "post-L2-lr0.003-s1", "post-L2-lr0.01-s1", "pre-L2-lr0.003-s3"]
     )
     assert status["post-L2-lr0.003-s1"] == "completed"
-    # Rerun: only the crashed cell and then post's stage 2.
-    code, _ = run_local(
+    # A plain rerun leaves the failed cell alone (shown as failed: a cell that fails at every start
+    # is not started again by every rerun), so post's grid stays incomplete.
+    code, results = run_local(
         expand(SWEEP), runs, jobs=2, in_process=True, worker_entry=fake_entry, echo=lambda _: None
+    )
+    assert code == 1 and len(_calls(runs)) == 4
+    assert {r.name: r.status for r in results}["post-L2-lr0.001-s1"].startswith("failed")
+    # --retry-failed: only the crashed cell and then post's stage 2.
+    code, _ = run_local(
+        expand(SWEEP),
+        runs,
+        jobs=2,
+        in_process=True,
+        worker_entry=fake_entry,
+        echo=lambda _: None,
+        retry_failed=True,
     )
     assert code == 0
     assert sorted(name for _, name in _calls(runs)[4:]) == sorted(

@@ -21,6 +21,7 @@ def saved_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.integration  # CLI training subprocesses (~20 s)
 @pytest.mark.parametrize(
     "change, named",
     [

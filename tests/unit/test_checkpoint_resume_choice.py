@@ -111,6 +111,7 @@ def test_a_new_run_moves_another_runs_same_step_aside(objs, tmp_path):
     assert lineage_of(tmp_path / checkpoint_name(2)) == "run-b"
 
 
+@pytest.mark.integration  # CLI subprocesses (~20 s)
 def test_corrupt_run_dir_stops_resume_auto_and_resume_none_starts_over(tmp_path):
     """The whole command: exit 2 with one line, no new checkpoint; then the asked-for restart."""
     run = tmp_path / "run"

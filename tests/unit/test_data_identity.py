@@ -119,6 +119,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(mcore, corpus, tmp_path,
     assert "continuing on the new data" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # CLI subprocesses (~20 s)
 def test_cli_resume_after_the_data_was_replaced(corpus, tmp_path):
     """The whole command: one line and exit 2 (before: it trained on the new .bin through the
     old index); then allowed with the option."""

@@ -99,6 +99,7 @@ def test_output_prefix_that_is_a_directory_is_refused(tmp_path, tokenizer, trail
     assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
 
 
+@pytest.mark.integration  # CLI subprocesses (~20 s)
 def test_sigterm_removes_the_tmp_files_and_says_so(tmp_path, tokenizer):
     """issue 20 item 10: SIGTERM left hidden tmp files of 80-90 MB and exited -15 silently."""
     import os

@@ -206,7 +206,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint (a run dir, its checkpoints dir or a ``step_N``) into one process."""
     from megaspan.models import build_model
-    from megaspan.training.checkpoint import _load, _model_states, read_meta
+    from megaspan.training.checkpoint import load_model_weights, read_meta
 
     checkpoint = resolve_checkpoint(path)
     meta = read_meta(checkpoint) or {}
@@ -216,8 +216,7 @@ def load_model(
     init_one_process(cfg.training.seed)
     built = build_model(cfg, cfg.model.vocab_size or tok.vocab_size, init_rules=False)
     (chunk,) = built.chunks
-    state = _load(_model_states([chunk]), checkpoint)
-    chunk.load_state_dict(state["model0"])
+    load_model_weights(checkpoint, [chunk])  # weights only, any saved layout, one-line errors
     from megaspan import runtime
 
     target = torch.device(device) if device else runtime.device()

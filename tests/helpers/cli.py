@@ -42,6 +42,26 @@ def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
+def long_torchrun(run_dir: Path, save_interval: int) -> tuple[list[str], dict[str, str]]:
+    """(command, env) of a 2-rank ``launch/torchrun.sh`` tiny run long enough to be interrupted
+    (3000 steps, a log line per step), saving every ``save_interval`` steps."""
+    command = [
+        "bash",
+        str(Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"),
+        "--config",
+        "tiny",
+        f"training.run_dir={run_dir}",
+        "training.steps=3000",
+        "logging.log_interval=1",
+        "training.eval_interval=100000",
+        f"checkpoint.save_interval={save_interval}",
+    ]
+    env = clean_env(
+        NPROC="2", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
+    return command, env
+
+
 def train(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
     """``megaspan train --config tiny training.run_dir=RUN_DIR OVERRIDES...``."""
     return subprocess.run(

@@ -20,9 +20,8 @@ import psutil
 import pytest
 
 from megaspan.launchers import WATCH_ENV, ancestors, child_env
-from tests.helpers.cli import clean_env
+from tests.helpers.cli import clean_env, long_torchrun
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration]
 
 STOP_LIMIT_S = 120
@@ -90,22 +89,10 @@ def test_a_watching_process_dies_with_its_killed_launcher(tmp_path: Path) -> Non
 
 def test_kill_9_of_torchrun_sh_stops_the_ranks_with_a_checkpoint(tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "out.log"
-    env = clean_env(
-        NPROC="2", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    )
+    command, env = long_torchrun(run, save_interval=1000)
     with open(log, "w") as out:
         launcher = subprocess.Popen(
-            [
-                "bash",
-                str(REPO / "launch" / "torchrun.sh"),
-                "--config",
-                "tiny",
-                f"training.run_dir={run}",
-                "training.steps=3000",
-                "logging.log_interval=1",
-                "training.eval_interval=100000",
-                "checkpoint.save_interval=1000",
-            ],
+            command,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

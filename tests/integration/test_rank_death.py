@@ -11,35 +11,21 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.helpers.cli import clean_env
+from tests.helpers.cli import long_torchrun
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.distributed]
 
 
 def test_kill_9_of_a_rank_gives_one_line_naming_the_peer_and_the_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    env = clean_env(
-        NPROC="2", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    )
+    command, env = long_torchrun(run, save_interval=2)
     proc = subprocess.Popen(
-        [
-            "bash",
-            str(REPO / "launch" / "torchrun.sh"),
-            "--config",
-            "tiny",
-            f"training.run_dir={run}",
-            "training.steps=3000",
-            "logging.log_interval=1",
-            "training.eval_interval=100000",
-            "checkpoint.save_interval=2",
-        ],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -158,3 +159,20 @@ def dist_pool():
     yield get
     for pool in pools.values():
         pool.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MB tmpfs (MEGASPAN_TEST_TMPFS_SIZE) to fill: a real full disk; skips without root."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    size = os.environ.get("MEGASPAN_TEST_TMPFS_SIZE", "3m")
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -77,6 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE.json",
         help="print one table over several results, with the GPU targets (no benchmark is run)",
     )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="instead of step times, time checkpoint saves of the preset's pre model into DIR (new or "
+        "empty; emptied after): how long the training loop is blocked per save, synchronous vs "
+        "checkpoint.async_save, and the step time while a background write runs (--repeats rounds)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=run)
 
@@ -91,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         a, b = (report.load(path, "--compare") for path in args.compare)
         print(report.compare(a, b, *args.compare))
         return 0
+    if args.checkpoint:
+        return _checkpoint(args)
     if args.profile:
         import os
 
@@ -117,6 +126,32 @@ def run(args: argparse.Namespace) -> int:
     if env_from_launcher().rank != 0:  # every rank timed; one prints
         return 0
     print(report.markdown(doc))
+    if args.json:
+        report.write_json(args.json, doc)
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from megaspan.bench import report
+    from megaspan.bench.checkpoint import markdown, run_checkpoint_bench
+    from megaspan.bench.presets import get_preset
+    from megaspan.errors import ConfigError
+    from megaspan.runtime.distributed import env_from_launcher
+
+    precisions = args.precision or [get_preset(args.preset).precision]
+    if len(precisions) != 1:
+        raise ConfigError("--checkpoint times one precision: pass one --precision")
+    doc = run_checkpoint_bench(
+        args.preset,
+        precisions[0],
+        args.checkpoint,
+        repeats=args.repeats or 3,
+        warmup=1 if args.warmup is None else args.warmup,
+        overrides=list(args.overrides),
+    )
+    if env_from_launcher().rank != 0:
+        return 0
+    print(markdown(doc))
     if args.json:
         report.write_json(args.json, doc)
     return 0

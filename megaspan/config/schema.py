@@ -48,6 +48,16 @@ class ModelConfig:
     """None = 4*hidden (gelu) or 8/3*hidden rounded up to a multiple of 128 (swiglu; FP8-aligned for TP <= 8)."""
     vocab_size: Optional[int] = None
     """None = the tokenizer's vocabulary."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding and output rows are padded to a multiple of this (Megatron-LM's
+    --make-vocab-size-divisible-by); how TP enters is model.vocab_padding."""
+    vocab_padding: Literal["reshardable", "megatron"] = "reshardable"
+    """reshardable: a multiple of make_vocab_size_divisible_by whenever TP divides it (else of it x
+    TP): the padded vocabulary, and so the checkpoint, is the same at every such TP, and checkpoints
+    reshard across TP sizes. megatron: a multiple of make_vocab_size_divisible_by x TP, exactly as
+    Megatron-LM pads (the same shapes as a Megatron-LM model of this TP). Its padded size depends on
+    TP: weights load into another TP's padding (Megatron-Core lets the vocab rows differ: padding
+    rows are cut or added as zeros), the full state (optimizer) does not."""
     seq_length: int = 256
     max_position_embeddings: Optional[int] = None
     """None = seq_length."""
@@ -221,6 +231,12 @@ class CheckpointConfig:
     keep_last: Optional[int] = 3
     """Delete older checkpoints beyond this many; None keeps all."""
     save_at_end: bool = True
+    async_save: bool = False
+    """Write the periodic (save_interval) checkpoints from a background thread: training waits only
+    while the state is copied to CPU memory, and the checkpoint is committed (renamed, ``latest``,
+    pruned) at the first step boundary after every rank has written it. The save at the end and
+    on a stop signal stays synchronous (the process exits after it), and waits for one in flight
+    first. Costs one copy of the model and optimizer state in host memory while a write runs."""
     load_optimizer: bool = True
     """False: take only the model weights from checkpoint.resume=<path>; optimizer, LR schedule and
     step start fresh (fine-tuning, or moving to a layout or optimizer type whose state you drop)."""

@@ -23,7 +23,15 @@ from megaspan.config.layout import ParallelLayout
 from megaspan.config.loader import config_to_dict
 from megaspan.config.schema import MegaspanConfig
 from megaspan.training.batches import Batch, micro_batches
-from megaspan.training.checkpoint import Progress, load_checkpoint, new_lineage, save_checkpoint
+from megaspan.training.checkpoint import (
+    PendingSave,
+    Progress,
+    finish_save,
+    load_checkpoint,
+    new_lineage,
+    save_checkpoint,
+    save_done,
+)
 from megaspan.training.hooks import Hook, Reduced, StepResult, StopRequest, call
 from megaspan.training.metrics import MetricsLogger
 from megaspan.training.setup import TrainingObjects, cuda_free
@@ -144,6 +152,7 @@ class Trainer:
         # Which run this is, recorded in its checkpoints: pruning touches only its own. A fresh
         # start is a new lineage; a resume continues the loaded checkpoint's (see load).
         self.lineage = new_lineage()
+        self.saving: PendingSave | None = None  # a checkpoint.async_save write under way
         self._lock = run_dir_lock
         self.fwd_bwd = get_forward_backward_func()
         z = cfg.training.z_loss
@@ -270,11 +279,17 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
 
-    def save(self, ckpt_dir: Path | None = None) -> Path:
-        """Checkpoint the current progress (collective)."""
+    def save(self, ckpt_dir: Path | None = None, *, background: bool = False) -> Path | None:
+        """Checkpoint the current progress (collective). ``background`` (with
+        ``checkpoint.async_save``) returns None once the state is copied to CPU memory; the write
+        goes on in a thread and :meth:`finish_save` commits it. A save in flight is committed
+        first either way, so checkpoints commit in step order."""
         cfg = self.cfg
+        self.finish_save()
+        background = background and cfg.checkpoint.async_save
+        t0 = time.perf_counter()
         with cuda_free():
-            path = save_checkpoint(
+            saved = save_checkpoint(
                 ckpt_dir or checkpoint_dir(cfg),
                 self.progress,
                 self.objs.chunks,
@@ -285,8 +300,35 @@ class Trainer:
                 tokenizer_hash=self.tokenizer_hash,
                 lineage=self.lineage,
                 data_identity=self.data_identity,
+                background=background,
             )
-        self.log.info(f"saved checkpoint {path}")
+        step = self.progress.step
+        if isinstance(saved, PendingSave):
+            self.saving = saved
+            # The time the loop was held: what async_save saves is the rest of the write.
+            self.log.scalars({"checkpoint/blocked_s": saved.blocked_s}, step)
+            self.log.info(
+                f"checkpoint step {step}: writing in the background ({saved.blocked_s:.2f} s blocked)"
+            )
+            return None
+        blocked = time.perf_counter() - t0
+        self.log.scalars({"checkpoint/blocked_s": blocked}, step)
+        self.log.info(f"saved checkpoint {saved} ({blocked:.2f} s)")
+        return saved
+
+    def finish_save(self, *, wait: bool = True) -> Path | None:
+        """Commit the background save in flight, if any (collective): at once with ``wait``
+        (waiting for its write), else only when every rank has written it (a step-boundary poll
+        that costs one small all-reduce while a save is in flight, nothing otherwise)."""
+        pending = self.saving
+        if pending is None or (not wait and not save_done(pending)):
+            return None
+        self.saving = None  # a failed write is not retried: its error goes up from here
+        path = finish_save(pending)
+        self.log.scalars({"checkpoint/write_s": time.perf_counter() - pending.started}, pending.step)
+        self.log.info(
+            f"saved checkpoint {path} (written in the background in {time.perf_counter() - pending.started:.1f} s)"
+        )
         return path
 
     def load(

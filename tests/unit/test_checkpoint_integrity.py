@@ -266,22 +266,6 @@ def test_remove_stale_tmp_logs_each(tmp_path):
     assert remove_stale_tmp(tmp_path / "missing") == []
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    size = os.environ.get("MEGASPAN_TEST_TMPFS_SIZE", "3m")
-    if (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_during_save_is_one_line_and_keeps_earlier(mcore, small_tmpfs):
     objs = _objs()
     ckpts = small_tmpfs / "ckpts"

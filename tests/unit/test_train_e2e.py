@@ -29,11 +29,11 @@ _CRASHING_CLI = """
 import os, sys
 import megaspan.training.checkpoint.save as ckpt
 commit = ckpt._commit
-def crash(ckpt_dir, tmp, final, progress, *args, **kwargs):
-    if progress.step == int(os.environ["CRASH_AT"]):
+def crash(ckpt_dir, tmp, final, meta, *args, **kwargs):
+    if meta["step"] == int(os.environ["CRASH_AT"]):
         sys.stdout.flush()
         os._exit(17)
-    return commit(ckpt_dir, tmp, final, progress, *args, **kwargs)
+    return commit(ckpt_dir, tmp, final, meta, *args, **kwargs)
 ckpt._commit = crash
 from megaspan.cli import main
 sys.exit(main(sys.argv[1:]))

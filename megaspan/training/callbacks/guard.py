@@ -134,6 +134,9 @@ class GuardHook(Hook):
         self._record(trainer, result.step, event, "skip")
 
     def _rollback(self, trainer, result: StepResult, event) -> None:
+        # A background save in flight holds a finite model of an earlier step: commit it first,
+        # it is the newest one to go back to.
+        trainer.finish_save()
         good = find_latest_valid(self.ckpt_dir)
         if good is None or self.retries >= self.max_retries:
             why = "no checkpoint to roll back to" if good is None else f"{self.retries} rollbacks already"

@@ -13,7 +13,10 @@ Commit protocol, and why each step is ordered as it is:
 1. every rank checks its parameters are finite (all-reduced): a diverged model is never committed
    (see :class:`NonFiniteModelError`);
 2. every rank writes its shards into ``tmp-step_N`` (``dist_checkpointing.save``) with a
-   synchronous writer (see :func:`_sync_save_strategy` for why);
+   synchronous writer (see :func:`_sync_save_strategy` for why), or, with
+   ``checkpoint.async_save``, copies them to host memory and writes them from a thread
+   (:class:`PendingSave`; steps 3-5 then run at a later step boundary, in :func:`finish_save`,
+   once :func:`save_done` says every rank has written its part);
 3. the ranks checksum the files (each a share of them) and rank 0 writes ``META_FILE`` with the
    manifest (name -> size, crc32) inside the directory, last, so "META_FILE present and the files
    match its manifest" means "every shard was written, and is intact";
@@ -67,7 +70,14 @@ from megaspan.training.checkpoint.load import (
     model_difference,
 )
 from megaspan.training.checkpoint.pruning import prune, remove_stale_tmp
-from megaspan.training.checkpoint.save import NonFiniteModelError, _sync_save_strategy, save_checkpoint
+from megaspan.training.checkpoint.save import (
+    NonFiniteModelError,
+    PendingSave,
+    _sync_save_strategy,
+    finish_save,
+    save_checkpoint,
+    save_done,
+)
 from megaspan.training.checkpoint.verify import check_checkpoint, find_latest_valid, is_valid
 
 __all__ = [
@@ -94,6 +104,9 @@ __all__ = [
     "NonFiniteModelError",
     "save_checkpoint",
     "_sync_save_strategy",
+    "PendingSave",
+    "finish_save",
+    "save_done",
     "EXTRA_STATE_SUFFIX",
     "key_mismatch",
     "model_difference",

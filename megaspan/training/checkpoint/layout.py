@@ -89,12 +89,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` on every rank (a plain list without a process group)."""
+def _gather(obj: Any, group=None) -> list[Any]:
+    """Every rank's ``obj`` on every rank (a plain list without a process group). ``group``: the
+    process group (None = the default one; an async save's thread passes its own gloo group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -119,16 +120,16 @@ def _files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != META_FILE)
 
 
-def _manifest(path: Path) -> dict[str, dict[str, Any]]:
+def _manifest(path: Path, group=None) -> dict[str, dict[str, Any]]:
     """``{relative file: {"size": bytes, "crc32": hex}}``; each rank checksums a share of the
     files (CRC-32: zlib's runs at memory speed, and it is there to catch truncation and bit rot,
-    not tampering)."""
-    names = _gather(_files(path) if _rank() == 0 else None)[0]
+    not tampering). Collective over ``group`` (None = the default process group)."""
+    names = _gather(_files(path) if _rank() == 0 else None, group)[0]
     mine = {
         n: {"size": (path / n).stat().st_size, "crc32": _crc32(path / n)} for n in names[_rank() :: _world()]
     }
     out: dict[str, dict[str, Any]] = {}
-    for part in _gather(mine):
+    for part in _gather(mine, group):
         out.update(part)
     return out
 

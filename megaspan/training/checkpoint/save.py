@@ -8,6 +8,8 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +74,26 @@ def _sync_save_strategy():
     ``multiprocessing.Manager`` child process. That child shares the rank's session and process
     group, so the SIGTERM of ``scancel``/``kill -TERM -PGID``/torchrun's shutdown kills it in the
     middle of the very checkpoint the signal asked for (``ConnectionResetError``, lost progress),
-    and after a ``kill -9`` of the rank it is left behind as an orphan. The async path only pays
-    off when the training loop overlaps the write, which megaspan does not do (a preemption save
-    must be complete before exit anyway). Torch DCP's own ``FileSystemWriter`` with one writer
-    thread writes the same format (``.metadata`` + ``__<rank>_0.distcp``, loaded by Megatron's
-    ``TorchDistLoadShardedStrategy`` unchanged) from the calling thread: no helper process, no
-    thread, nothing for a signal to kill. ``FullyParallelSaveStrategyWrapper`` is not used
-    either: it only spreads replicated shards across DP ranks, which matters at large DP, and
-    wraps the same writer.
+    and after a ``kill -9`` of the rank it is left behind as an orphan. Torch DCP's own
+    ``FileSystemWriter`` with one writer thread writes the same format (``.metadata`` +
+    ``__<rank>_0.distcp``, loaded by Megatron's ``TorchDistLoadShardedStrategy`` unchanged) from
+    the calling thread: no helper process, no thread, nothing for a signal to kill.
+    ``FullyParallelSaveStrategyWrapper`` is not used either: it only spreads replicated shards
+    across DP ranks, which matters at large DP, and wraps the same writer.
+    """
+    return _save_strategy()
+
+
+def _save_strategy(background: _Background | None = None):
+    """The torch_dist strategy :func:`_sync_save_strategy` describes; with ``background``, the
+    shards are written by torch DCP's ``async_save`` instead (``checkpoint.async_save``).
+
+    ``async_save`` copies every tensor to CPU memory in the calling thread (the snapshot: the
+    next optimizer step may change the live tensors at once) and writes the copies from a
+    *thread* of this process over ``background.group``, a gloo group of its own: a thread dies
+    with its process (no orphan writer after ``kill -9``, unlike MCore's forked writers), and a
+    group of its own keeps its collectives (DCP's plan and finish) out of the order of the
+    training loop's collectives on the other groups. The future lands in ``background.write``.
     """
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -88,24 +102,93 @@ def _sync_save_strategy():
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import async_save as dcp_async_save
     from torch.distributed.checkpoint import save as dcp_save
 
-    class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    class TorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            if background is not None:
+                _snapshot(sharded_state_dict)
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica
             )
-            dcp_save(
-                mcore_to_pyt_state_dict(sharded_state_dict, False),
-                storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True),
-                planner=MCoreSavePlanner(
-                    dedup_replicated_tensors=not self.keep_only_main_replica,
-                    flatten_state_dict=False,
-                    flatten_sharded_tensors=False,
-                ),
+            state = mcore_to_pyt_state_dict(sharded_state_dict, False)
+            writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True)
+            planner = MCoreSavePlanner(
+                dedup_replicated_tensors=not self.keep_only_main_replica,
+                flatten_state_dict=False,
+                flatten_sharded_tensors=False,
             )
+            if background is None:
+                dcp_save(state, storage_writer=writer, planner=planner)
+            else:
+                background.write = dcp_async_save(
+                    state,
+                    storage_writer=writer,
+                    planner=planner,
+                    process_group=background.group,
+                    async_stager=_Staged(),
+                )
 
-    return SyncTorchDistSaveStrategy(backend="torch_dist")
+    return TorchDistSaveStrategy(backend="torch_dist")
+
+
+def _snapshot(sharded_state_dict) -> None:
+    """Point every ShardedTensor at a host copy of its data: the snapshot the background thread
+    writes while training changes the live tensors. Done here rather than by DCP's stager, which
+    cannot copy Megatron's ``CheckpointableShardedTensor`` wrappers (it raises "__torch_dispatch__
+    not implemented"); MCore's own async writer preloads to CPU the same way."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for item in nested_values(sharded_state_dict):
+        if isinstance(item, ShardedTensor):
+            item.data = item.data.detach().to("cpu", copy=True)
+
+
+class _Staged:
+    """DCP's ``AsyncStager`` for a state dict that :func:`_snapshot` has already copied."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Background:
+    group: Any
+    write: Future | None = None
+
+
+_GROUP: list = []  # [(the default process group it was made under, the gloo group)]
+
+
+def _background_group():
+    """The gloo group the background writes use (created once per default process group,
+    collectively, at the first async save; None without a process group). DCP's async save needs
+    a group with a CPU backend, and the training loop's groups are NCCL on GPU."""
+    if not dist.is_initialized():
+        return None
+    world = dist.GroupMember.WORLD
+    if not _GROUP or _GROUP[0][0] is not world or not _alive(_GROUP[0][1]):
+        # first use, a new default group, or ours destroyed (megaspan.runtime.destroy, a re-init)
+        _GROUP[:] = [(world, dist.new_group(backend="gloo"))]
+    return _GROUP[0][1]
+
+
+def _alive(group) -> bool:
+    try:
+        dist.get_rank(group)  # raises once the group is destroyed
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -205,10 +288,52 @@ def _param_device(chunks: list) -> torch.device:
     return torch.device("cpu")
 
 
-def _write_shards(state: dict, tmp: Path) -> None:
+@dataclass
+class PendingSave:
+    """A save whose shards are still being written by a background thread
+    (``checkpoint.async_save``): :func:`save_done` says when every rank has written them, and
+    :func:`finish_save` commits it. Until then nothing of it is visible: ``tmp-step_N`` is
+    ignored by resume and removed at the next start."""
+
+    ckpt_dir: Path
+    tmp: Path
+    final: Path
+    step: int
+    meta: dict[str, Any]
+    keep_last: int | None
+    lineage: str
+    device: torch.device
+    blocked_s: float
+    """How long :func:`save_checkpoint` held the caller: the finite check, the sharded state dict,
+    DCP's plan and the copy of every tensor to CPU memory."""
+    started: float = field(default_factory=time.perf_counter)
+    written: Future | None = None
+    """Resolves to the manifest once this rank's shards are written (and checksummed)."""
+
+
+def _write_shards(state: dict, tmp: Path, background: _Background | None = None) -> None:
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_sync_save_strategy())
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(background))
+
+
+def _written(write: Future | None, tmp: Path, group) -> dict[str, dict[str, Any]]:
+    """The background job after DCP's write: wait for it, then checksum the files (a share per
+    rank, over the background group), so that committing takes no reading on the caller's side."""
+    if write is not None:
+        write.result()
+    return _manifest(tmp, group)
+
+
+def _cleanup_after(exc: BaseException, tmp: Path, ckpt_dir: Path) -> None:
+    """Remove the partial ``tmp`` of a failed save and raise the error as the user should see
+    it: a filesystem refusal as one :class:`RunDirError` line naming the path, anything else as is."""
+    os_error = None if isinstance(exc, RunDirError) else (_os_error(exc) or _probe_write(tmp))
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if os_error is not None:
+        raise _run_dir_error(os_error, tmp, ckpt_dir) from None
+    raise exc
 
 
 def save_checkpoint(
@@ -223,7 +348,8 @@ def save_checkpoint(
     tokenizer_hash: str | None = None,
     lineage: str | None = None,
     data_identity: dict[str, Any] | None = None,
-) -> Path:
+    background: bool = False,
+) -> Path | PendingSave:
     """Save and commit a checkpoint of ``progress.step`` (collective: call on every rank).
 
     Raises :class:`NonFiniteModelError` (nothing committed, ``latest`` untouched) when a
@@ -240,7 +366,13 @@ def save_checkpoint(
     recorded). Pruning deletes only checkpoints of the same lineage, and a save whose step
     directory already holds another lineage's checkpoint moves that one aside
     (``superseded-<lineage>-step_N``) instead of deleting it. None = :data:`LEGACY_LINEAGE`.
+
+    ``background=True`` (``checkpoint.async_save``) returns a :class:`PendingSave` as soon as
+    the state is copied to CPU memory; the shards are written by a thread, and
+    :func:`finish_save` commits them by the same protocol. A diverged model is never written in
+    the background (it raises at once, as above).
     """
+    t0 = time.perf_counter()
     lineage = lineage or LEGACY_LINEAGE
     step = progress.step
     bad, total = _nonfinite_counts(chunks)
@@ -261,6 +393,9 @@ def save_checkpoint(
         error = str(_run_dir_error(exc, tmp, ckpt_dir))
     if (error := _first_error(error)) is not None:
         raise RunDirError(error)
+    # The commit record is taken now, with the state: the LR and step go on changing while a
+    # background write runs.
+    meta = _meta(progress, optimizer, scheduler, tokenizer_hash, lineage, data_identity, config)
     state = _sharded_state_dict(
         chunks,
         optimizer,
@@ -269,29 +404,63 @@ def save_checkpoint(
         with_rng=True,
         extra={"step": step, "consumed_samples": progress.consumed_samples, "config": config},
     )
+    pending = PendingSave(
+        ckpt_dir, tmp, final, step, meta, keep_last, lineage, _param_device(chunks), 0.0, started=t0
+    )
+    bg = _Background(_background_group()) if background and not diverged else None
     try:
         # DCP reports a write failure of any rank on every rank, so all ranks get here together.
-        _write_shards(state, tmp)
-        manifest = _manifest(tmp)
+        _write_shards(state, tmp) if bg is None else _write_shards(state, tmp, bg)
+        if bg is not None:
+            pending.written = _pool().submit(_written, bg.write, tmp, bg.group)
+            pending.blocked_s = time.perf_counter() - t0
+            return pending
+    except (Exception, _DcpException) as exc:
+        if bg is not None and bg.write is not None:
+            bg.write.exception()  # a write already started must end before its directory goes
+        _cleanup_after(exc, tmp, ckpt_dir)
+    path = finish_save(pending, diverged=diverged)
+    if diverged:
+        raise NonFiniteModelError(step, bad, total, final, _latest_name(ckpt_dir))
+    return path
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One worker thread for the post-write work of background saves (they run one at a time:
+    the trainer finishes a save before it starts the next). Not a daemon: a process that ends
+    while a write is under way waits for the write to end rather than dying inside a torch op."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="megaspan-ckpt"))
+    return _POOL[0]
+
+
+def save_done(pending: PendingSave) -> bool:
+    """Whether every rank has written (and checksummed) its part of ``pending`` (collective: one
+    small all-reduce, on every rank alike, so that all ranks commit at the same step)."""
+    done = torch.tensor([1 if pending.written is not None and pending.written.done() else 0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        done = done.to(pending.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    return bool(done.item())
+
+
+def finish_save(pending: PendingSave, *, diverged: bool = False) -> Path:
+    """Wait for ``pending``'s write (if it still runs) and commit it: the manifest goes into the
+    commit record, ``tmp-step_N`` is renamed to ``step_N``, ``latest`` replaced and old
+    checkpoints pruned (collective). A write that failed is cleaned up and raised here, a full
+    disk as one :class:`RunDirError` line."""
+    ckpt_dir, tmp, final = pending.ckpt_dir, pending.tmp, pending.final
+    try:
+        manifest = pending.written.result() if pending.written is not None else _manifest(tmp)
         local_error = None
         if _rank() == 0:
             try:
-                _commit(
-                    ckpt_dir,
-                    tmp,
-                    final,
-                    progress,
-                    optimizer,
-                    scheduler,
-                    manifest,
-                    tokenizer_hash,
-                    diverged,
-                    lineage,
-                    data_identity,
-                    config,
-                )
+                _commit(ckpt_dir, tmp, final, {**pending.meta, "manifest": manifest}, diverged)
                 if not diverged:
-                    prune(ckpt_dir, keep_last, keep=final, lineage=lineage)
+                    prune(ckpt_dir, pending.keep_last, keep=final, lineage=pending.lineage)
             except OSError as exc:
                 if exc.errno not in _FS_ERRNOS:
                     raise
@@ -299,33 +468,22 @@ def save_checkpoint(
         if (local_error := _first_error(local_error)) is not None:
             raise RunDirError(local_error)
     except (Exception, _DcpException) as exc:
-        os_error = None if isinstance(exc, RunDirError) else (_os_error(exc) or _probe_write(tmp))
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if os_error is not None:
-            raise _run_dir_error(os_error, tmp, ckpt_dir) from None
-        raise
+        _cleanup_after(exc, tmp, ckpt_dir)
     _barrier()
-    if diverged:
-        raise NonFiniteModelError(step, bad, total, final, _latest_name(ckpt_dir))
     return final
 
 
-def _commit(
-    ckpt_dir: Path,
-    tmp: Path,
-    final: Path,
+def _meta(
     progress: Progress,
     optimizer,
     scheduler,
-    manifest: dict,
     tokenizer_hash: str | None,
-    diverged: bool,
     lineage: str,
     data_identity: dict[str, Any] | None,
     config: dict[str, Any],
-) -> None:
-    meta = {
+) -> dict[str, Any]:
+    """The commit record (``META_FILE``) but its manifest."""
+    return {
         "lineage": lineage,
         "data": data_identity,
         # The model settings, to say what differs when a resume does not fit (see load_checkpoint).
@@ -337,13 +495,15 @@ def _commit(
         "distributed_optimizer": _is_distributed(optimizer),
         "tokenizer_hash": tokenizer_hash,
         "hyperparameters": hyperparameters(optimizer, scheduler),
-        "manifest": manifest,
         "saved_at": time.time(),
     }
+
+
+def _commit(ckpt_dir: Path, tmp: Path, final: Path, meta: dict[str, Any], diverged: bool) -> None:
     _write_atomic(tmp / META_FILE, json.dumps(meta, default=str))
     if final.exists():
         other = lineage_of(final)
-        if other == lineage:  # re-saving a step (e.g. after a resume): the new copy wins
+        if other == meta["lineage"]:  # re-saving a step (e.g. after a resume): the new copy wins
             shutil.rmtree(final)
         else:  # another run's (or an unreadable) checkpoint: never deleted, moved aside
             aside = ckpt_dir / f"{SUPERSEDED_PREFIX}{(other or 'unknown')[:12]}-{final.name}"

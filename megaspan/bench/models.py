@@ -87,8 +87,9 @@ def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    from megaspan.models import padded_vocab_size, placement_for, resolve_impl, transformer_config
+    from megaspan.models import placement_for, resolve_impl, transformer_config
     from megaspan.models.build import language_model_kwargs
+    from megaspan.models.mcore_config import model_vocab_size
 
     placement = placement_for(cfg)
     impl = resolve_impl(cfg.model.transformer_impl)
@@ -104,7 +105,7 @@ def _stock_chunks(cfg: MegaspanConfig, vocab_size: int):
             moe_grouped_gemm=moe.grouped_gemm,
             normalization=cfg.model.normalization,
         )
-    padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    padded = model_vocab_size(cfg, vocab_size)
     chunk = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
@@ -219,9 +220,9 @@ def _impl_of(cfg: MegaspanConfig) -> str:
 
 
 def _padded(cfg: MegaspanConfig, vocab_size: int) -> int:
-    from megaspan.models import padded_vocab_size
+    from megaspan.models.mcore_config import model_vocab_size
 
-    return padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    return model_vocab_size(cfg, vocab_size)
 
 
 __all__ = ["BARE_LOOP", "STOCK", "Candidate", "SyntheticTokens", "build_candidate"]

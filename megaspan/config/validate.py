@@ -57,6 +57,7 @@ def check_sizes(cfg: MegaspanConfig) -> None:
         ("model.hidden_size", m.hidden_size),
         ("model.num_attention_heads", m.num_attention_heads),
         ("model.seq_length", m.seq_length),
+        ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
         ("parallel.tensor_model_parallel_size", par.tensor_model_parallel_size),
         ("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size),
         ("parallel.expert_model_parallel_size", par.expert_model_parallel_size),

@@ -88,6 +88,10 @@ def config_for_one_process(config: dict[str, Any], dtype: str = "fp32"):
     from megaspan.config.loader import config_from_dict
 
     cfg = config_from_dict(config)
+    if cfg.model.vocab_padding == "megatron":
+        # Megatron's padding is a multiple of divisible_by x TP: keep the saving layout's padded
+        # vocabulary (the checkpoint's embedding shape) at TP 1.
+        cfg.model.make_vocab_size_divisible_by *= cfg.parallel.tensor_model_parallel_size
     for key, value in _ONE_PROCESS.items():
         setattr(cfg.parallel, key, value)
     # The model is built in fp32 and cast afterwards (see load_model); FP8 is a training format.

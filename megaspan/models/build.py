@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from megaspan.config.loader import norm_options
 from megaspan.config.schema import MegaspanConfig
 from megaspan.models.backend import resolve_impl
-from megaspan.models.mcore_config import padded_vocab_size, transformer_config
+from megaspan.models.mcore_config import model_vocab_size, transformer_config
 from megaspan.models.specs import block_spec
 from megaspan.norms import Placement, build_placement
 from megaspan.norms.layer import NormPlacementTransformerLayer
@@ -75,7 +75,7 @@ def build_model(
     placement = placement_for(cfg)
     impl = resolve_impl(cfg.model.transformer_impl)
     tconfig = transformer_config(cfg, placement, cuda=cuda, impl=impl)
-    padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    padded = model_vocab_size(cfg, vocab_size)
     vp_size = cfg.parallel.virtual_pipeline_model_parallel_size
     pp_rank = ps.get_pipeline_model_parallel_rank()
     chunks = []

@@ -407,13 +407,13 @@ def build_hybrid_model(cfg, vocab_size: int, *, init_rules: bool = True, cuda: b
 
     from megaspan.models.backend import resolve_impl
     from megaspan.models.build import BuiltModel, apply_init_rules, language_model_kwargs, placement_for
-    from megaspan.models.mcore_config import padded_vocab_size, transformer_config
+    from megaspan.models.mcore_config import model_vocab_size, transformer_config
 
     placement = placement_for(cfg)
     impl = resolve_impl(cfg.model.transformer_impl)
     layout = hybrid_layout(transformer_config(cfg, placement, cuda=cuda, impl=impl), placement)
     tconfig = layout.config
-    padded = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    padded = model_vocab_size(cfg, vocab_size)
     vp_size = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):

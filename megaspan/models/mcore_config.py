@@ -19,15 +19,23 @@ def resolve_dtype(precision, cuda: bool | None = None) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128, rule: str = "reshardable") -> int:
     """Pad the embedding so every TP shard is equal and GEMM-friendly.
 
-    Megatron-LM pads to a multiple of ``divisible_by * tp``, which makes the padded vocabulary
-    (and so the checkpoint) depend on the TP size. Padding to ``divisible_by`` whenever TP divides
-    it keeps checkpoints reshardable across TP sizes and TP runs numerically equal to TP=1.
+    ``rule="megatron"``: Megatron-LM's padding, a multiple of ``divisible_by * tp``, which makes
+    the padded vocabulary (and so the checkpoint) depend on the TP size. ``"reshardable"``
+    (megaspan's default): a multiple of ``divisible_by`` whenever TP divides it, which keeps
+    checkpoints reshardable across TP sizes and TP runs numerically equal to TP=1.
     """
-    multiple = divisible_by if divisible_by % tp == 0 else divisible_by * tp
+    multiple = divisible_by if rule == "reshardable" and divisible_by % tp == 0 else divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def model_vocab_size(cfg, vocab_size: int, tp: int | None = None) -> int:
+    """The padded vocabulary of ``cfg``'s model (``model.make_vocab_size_divisible_by``,
+    ``model.vocab_padding``) at ``tp`` (default: ``parallel.tensor_model_parallel_size``)."""
+    tp = cfg.parallel.tensor_model_parallel_size if tp is None else tp
+    return padded_vocab_size(vocab_size, tp, cfg.model.make_vocab_size_divisible_by, cfg.model.vocab_padding)
 
 
 FUSED_SOFTMAX_KERNELS = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")

@@ -97,10 +97,10 @@ def _quiet_megatron() -> Iterator[None]:
 
 
 def _plan(cfg: MegaspanConfig, layout: ParallelLayout) -> Plan:
-    from megaspan.models.mcore_config import padded_vocab_size
+    from megaspan.models.mcore_config import model_vocab_size
 
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    result = Plan(layout=layout, vocab_size=padded_vocab_size(vocab, layout.tp))
+    result = Plan(layout=layout, vocab_size=model_vocab_size(cfg, vocab, layout.tp))
     for stage in range(layout.pp):
         rank = stage * layout.ranks_per_stage  # TP, CP, EP and DP rank 0 of the stage
         shard = shard_at(cfg, vocab, layout, rank)

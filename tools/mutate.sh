@@ -17,7 +17,9 @@
 #
 # Mutants run one at a time (each starts torch and Megatron: a 2-core machine fits one).
 # Environment: MUTATE_TIMEOUT (seconds per mutant, default 600), MUTATE_FILTER (a pytest -k
-# expression narrowing the tests).
+# expression narrowing the tests), MUTATE_SAMPLE=N (test a random sample of N mutants, seeded by
+# MUTATE_SEED, default 1: a module of hundreds of mutants takes hours; the score is then an
+# estimate of the module's, with its 95% interval).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -91,6 +93,26 @@ cd "$work"
 total=$("$ROOT/.mutate-venv/bin/cosmic-ray" dump "$out/session.sqlite" | wc -l)
 echo "tools/mutate.sh: $module: $total mutants of ${FILES[$module]}"
 if ((count_only)); then exit 0; fi
+if [[ -n ${MUTATE_SAMPLE:-} ]]; then
+    # The mutants outside the sample are marked skipped: cosmic-ray exec runs only the others.
+    "$ROOT/.mutate-venv/bin/python" - "$MUTATE_SAMPLE" "${MUTATE_SEED:-1}" "$out/session.sqlite" <<'PY'
+import random
+import sys
+
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+n, seed, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+with use_db(path, WorkDB.Mode.open) as db:
+    items = sorted(db.pending_work_items, key=lambda item: item.job_id)
+    keep = {item.job_id for item in random.Random(seed).sample(items, min(n, len(items)))}
+    for item in items:
+        if item.job_id not in keep:
+            db.set_result(item.job_id, WorkResult(output="not in the sample", worker_outcome=WorkerOutcome.SKIPPED))
+print(f"tools/mutate.sh: testing a sample of {len(keep)} of {len(items)} mutants (seed {seed})")
+PY
+    total=$MUTATE_SAMPLE
+fi
 
 echo "tools/mutate.sh: baseline (the unmutated tests must pass): $tests"
 "$ROOT/.mutate-venv/bin/cosmic-ray" baseline mutate.toml >/dev/null 2>&1 || {
@@ -109,11 +131,31 @@ progress=$!
 kill "$progress" 2>/dev/null || true
 
 "$ROOT/.mutate-venv/bin/cr-report" --show-diff "$out/session.sqlite" >"$out/report.txt" || true
-survival=$("$ROOT/.mutate-venv/bin/cr-rate" "$out/session.sqlite")
+# cr-rate would count skipped (unsampled) mutants as survivors: count the tested ones only.
+survival=$("$ROOT/.mutate-venv/bin/python" - "$out/session.sqlite" <<'PY'
+import math
+import sys
+
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import WorkerOutcome
+
+with use_db(sys.argv[1], WorkDB.Mode.open) as db:
+    results = [r for _, r in db.results if r.worker_outcome != WorkerOutcome.SKIPPED]
+    skipped = db.num_results - len(results)
+n, killed = len(results), sum(r.is_killed for r in results)
+if not n:
+    print("no mutant tested")
+    sys.exit()
+p, z = (n - killed) / n, 1.96  # Wilson interval of the survival rate (a sample estimates the module's)
+centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+interval = f", 95% interval {100 * (centre - half):.0f}-{100 * (centre + half):.0f}%" if skipped else ""
+print(f"{100 * p:.1f}% ({n - killed} of {n} tested mutants survived{interval})")
+PY
+)
 {
     echo "module: $module (${FILES[$module]})"
     echo "tests: $tests"
-    echo "mutants: $total"
-    echo "survival rate: $survival%   (score = 100 - survival)"
+    echo "mutants: $total${MUTATE_SAMPLE:+ (a random sample, seed ${MUTATE_SEED:-1})}"
+    echo "survival rate: $survival   (score = 100 - survival)"
 } | tee "$out/score.txt"
 echo "tools/mutate.sh: survivors and their diffs: $out/report.txt"

@@ -2,7 +2,7 @@
 
 The folder holds ``model.safetensors`` (megaspan's state dict under Megatron-Core's names,
 fp32), ``config.json`` (a :class:`modeling_megaspan.MegaspanConfig` with ``auto_map``),
-``modeling_megaspan.py`` (the one self-contained modeling file, every placement) and the
+``modeling_megaspan.py`` (the one self-contained modeling file, every placement, dense and MoE) and the
 sentencepiece ``tokenizer.model`` with its ``tokenizers`` equivalent (``tokenizer.json``,
 ``AutoTokenizer``). ``AutoModelForCausalLM.from_pretrained(DIR,
 trust_remote_code=True)`` loads it offline.
@@ -19,6 +19,36 @@ from megaspan.errors import ConfigError, UserError
 
 MODELING_FILE = Path(__file__).with_name("modeling_megaspan.py")
 
+# The Megatron-Core router and MoE settings the modeling file's ``MoE`` computes (megaspan's
+# config sets none of these, so every megaspan MoE checkpoint has them): softmax over the top-k
+# logits, no score scaling or expert bias, no group-limited routing, no capacity (no token
+# dropped), no input jitter (applied at inference too), no shared-expert gate, no latent projection.
+MOE_ROUTING = {
+    "moe_router_score_function": "softmax",
+    "moe_router_pre_softmax": False,
+    "moe_router_topk_scaling_factor": None,
+    "moe_router_enable_expert_bias": False,
+    "moe_router_num_groups": None,
+    "moe_router_group_topk": None,
+    "moe_router_force_load_balancing": False,
+    "moe_expert_capacity_factor": None,
+    "moe_input_jitter_eps": None,
+    "moe_apply_probs_on_input": False,
+    "moe_shared_expert_gate": False,
+    "moe_latent_size": None,
+}
+# Load-balancing types that only add a training loss; sinkhorn and quantile balancing also route.
+LOSS_ONLY_BALANCING = {"aux_loss", "seq_aux_loss", "global_aux_loss", "none"}
+
+
+def moe_routing_problems(t) -> list[str]:
+    """What a Megatron ``TransformerConfig`` sets that the modeling file's router does not compute."""
+    problems = [f"{k}={getattr(t, k, v)}" for k, v in MOE_ROUTING.items() if getattr(t, k, v) != v]
+    balancing = t.moe_router_load_balancing_type
+    if not set([balancing] if isinstance(balancing, str) else balancing) <= LOSS_ONLY_BALANCING:
+        problems.append(f"moe_router_load_balancing_type={balancing}")
+    return problems
+
 
 def hf_config(model, state: dict) -> dict:
     """config.json for a loaded model (a :class:`~megaspan.evaluate.model.LoadedModel`)."""
@@ -27,6 +57,15 @@ def hf_config(model, state: dict) -> dict:
     activation = getattr(t.activation_func, "__name__", str(t.activation_func))
     if activation not in ("silu", "gelu"):
         raise ConfigError(f"model activation {activation} has no equivalent in the exported modeling file")
+    if t.num_moe_experts and (problems := moe_routing_problems(t)):
+        raise ConfigError(
+            f"{model.checkpoint}: its MoE layers route with {', '.join(problems)}, which the exported "
+            "modeling file does not compute (it routes as megaspan trains: softmax over the top-k "
+            "logits, no capacity); score it with megaspan eval instead"
+        )
+    # Which blocks hold an MoE (the weights say; the hybrid arch's own TransformerConfig counts
+    # each block's halves as layers and places its MoE halves by pattern, not moe_layer_freq).
+    moe_layers = [f"decoder.layers.{i}.mlp.router.weight" in state for i in range(m.num_layers)]
     return {
         "architectures": ["MegaspanForCausalLM"],
         "model_type": "megaspan",
@@ -53,6 +92,14 @@ def hf_config(model, state: dict) -> dict:
         "norm_placement": m.norm_placement,
         "norm_options": dataclasses.asdict(m.norm),
         "final_norm": "decoder.final_layernorm.weight" in state,
+        # Per-head Q/K norms on every placement (HybridNorm's own Q/K/V norms come with it).
+        "qk_layernorm": m.qk_layernorm,
+        "num_moe_experts": t.num_moe_experts if any(moe_layers) else None,
+        "moe_router_topk": t.moe_router_topk,
+        "moe_ffn_hidden_size": t.moe_ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": t.moe_shared_expert_intermediate_size,
+        "moe_layers": moe_layers,
+        "moe_router_dtype": t.moe_router_dtype,
         # The head is saved as its own tensor (a copy when megaspan ties it): no tying to resolve.
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
@@ -81,10 +128,10 @@ def export_hf(checkpoint: str, output: str, tokenizer: str | None = None, fmt: s
 
     path = resolve_checkpoint(checkpoint)
     experts = (saved_config(path).get("model", {}).get("moe") or {}).get("num_experts")
-    if experts:  # before loading: nothing is read for a model that cannot be exported
+    if experts and fmt == "llama":  # before loading: no weight is read for a model Llama cannot hold
         raise ConfigError(
-            f"{path} is a mixture-of-experts model (model.moe.num_experts={experts}): megaspan export "
-            "writes dense models only so far; score it with megaspan eval instead"
+            f"{path} is a mixture-of-experts model (model.moe.num_experts={experts}) and a stock Llama "
+            "has no experts: export it with --format hf"
         )
     model = load_model(path, tokenizer=tokenizer)
     state = {
@@ -161,6 +208,8 @@ def llama_folder(model, state: dict, out: Path) -> None:
         why.append("linear biases")
     if "decoder.final_layernorm.weight" not in state:
         why.append("no final norm")
+    if m.qk_layernorm:
+        why.append("QK-norm (model.qk_layernorm)")
     if why:
         raise ConfigError(
             f"{model.checkpoint} has no stock Llama equivalent ({'; '.join(why)}): export it with --format hf"

@@ -23,10 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_args(p)
     p.add_argument(
         "--format",
-        choices=("hf", "llama"),
+        choices=("hf", "llama", "mixtral"),
         default="hf",
-        help="hf (default): every placement, dense or MoE, with the shipped modeling file; llama: a dense pre model as a "
-        "stock LlamaForCausalLM (RMSNorm, SwiGLU, RoPE, no biases)",
+        help="hf (default): every placement, dense or MoE, with the shipped modeling file; llama: a dense "
+        "pre model as a stock LlamaForCausalLM (RMSNorm, SwiGLU, RoPE, no biases); mixtral: such a "
+        "model with experts in every block (no shared expert) as a stock MixtralForCausalLM",
     )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="a new directory")
     p.set_defaults(func=run)

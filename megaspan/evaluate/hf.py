@@ -110,8 +110,10 @@ def hf_config(model, state: dict) -> dict:
 
 
 def export_hf(checkpoint: str, output: str, tokenizer: str | None = None, fmt: str = "hf") -> Path:
-    """``fmt="hf"``: any placement, with the shipped modeling file; ``fmt="llama"``: a ``pre``
-    model as a stock ``LlamaForCausalLM`` (refused in one line when the config differs)."""
+    """``fmt="hf"``: any placement, dense or MoE, with the shipped modeling file; ``fmt="llama"``: a
+    dense ``pre`` model as a stock ``LlamaForCausalLM``; ``fmt="mixtral"``: a ``pre`` model with
+    experts in every block as a stock ``MixtralForCausalLM`` (both refused in one line when the
+    config differs)."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -128,10 +130,16 @@ def export_hf(checkpoint: str, output: str, tokenizer: str | None = None, fmt: s
 
     path = resolve_checkpoint(checkpoint)
     experts = (saved_config(path).get("model", {}).get("moe") or {}).get("num_experts")
-    if experts and fmt == "llama":  # before loading: no weight is read for a model Llama cannot hold
+    # Before loading: no weight is read for a model the stock class cannot hold.
+    if experts and fmt == "llama":
         raise ConfigError(
             f"{path} is a mixture-of-experts model (model.moe.num_experts={experts}) and a stock Llama "
-            "has no experts: export it with --format hf"
+            "has no experts: export it with --format mixtral (pre, experts in every block) or --format hf"
+        )
+    if not experts and fmt == "mixtral":
+        raise ConfigError(
+            f"{path} is a dense model and a stock Mixtral has experts in every block: export it with "
+            "--format llama (pre) or --format hf"
         )
     model = load_model(path, tokenizer=tokenizer)
     state = {
@@ -143,10 +151,10 @@ def export_hf(checkpoint: str, output: str, tokenizer: str | None = None, fmt: s
         state = hybrid_to_gpt_state_dict(state)
     if "output_layer.weight" not in state:
         state["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
-    if fmt == "llama":
+    if fmt in STOCK_FOLDERS:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            llama_folder(model, state, out)
+            STOCK_FOLDERS[fmt](model, state, out)
         except ConfigError:
             shutil.rmtree(out, ignore_errors=True)
             raise
@@ -188,16 +196,13 @@ def hf_tokenizer(path):
     )
 
 
-def llama_folder(model, state: dict, out: Path) -> None:
-    """A ``pre`` model as a stock ``LlamaForCausalLM`` (no remote code): RMSNorm, SwiGLU, RoPE, no
-    biases, final norm. Megatron's per-group fused QKV is split into q/k/v projections and the
-    fused SwiGLU ``linear_fc1`` into gate (its activated first half) and up."""
-    from safetensors.torch import save_file
-
+def _stock_differences(model, state: dict) -> list[str]:
+    """What keeps a model from being a stock Llama/Mixtral: RMSNorm, SwiGLU, RoPE, Pre-LN, no
+    biases, no QK-norm, a final norm."""
     m, t = model.cfg.model, model.model.config
     why = []
     if m.norm_placement != "pre":
-        why.append(f"model.norm_placement={m.norm_placement} (Llama is Pre-LN)")
+        why.append(f"model.norm_placement={m.norm_placement} (Llama and Mixtral are Pre-LN)")
     if t.normalization != "RMSNorm":
         why.append(f"model.normalization={t.normalization}")
     if not t.gated_linear_unit or getattr(t.activation_func, "__name__", "") != "silu":
@@ -210,10 +215,13 @@ def llama_folder(model, state: dict, out: Path) -> None:
         why.append("no final norm")
     if m.qk_layernorm:
         why.append("QK-norm (model.qk_layernorm)")
-    if why:
-        raise ConfigError(
-            f"{model.checkpoint} has no stock Llama equivalent ({'; '.join(why)}): export it with --format hf"
-        )
+    return why
+
+
+def _stock_attention(model, state: dict) -> dict:
+    """The Llama/Mixtral names of everything but the MLPs: embedding, head, final norm, and per
+    layer the two norms and Megatron's per-group fused QKV split into q/k/v projections."""
+    m, t = model.cfg.model, model.model.config
     heads, groups, hn = t.num_attention_heads, t.num_query_groups or t.num_attention_heads, t.kv_channels
     rep = heads // groups
     tensors = {
@@ -225,8 +233,6 @@ def llama_folder(model, state: dict, out: Path) -> None:
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = state[src + "self_attention.linear_qkv.weight"].view(groups, (rep + 2) * hn, -1)
         q, k, v = torch_split(qkv, [rep * hn, hn, hn])
-        fc1 = state[src + "mlp.linear_fc1.weight"]
-        gate, up = fc1.chunk(2, dim=0)
         tensors |= {
             dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
             dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
@@ -234,36 +240,113 @@ def llama_folder(model, state: dict, out: Path) -> None:
             dst + "self_attn.k_proj.weight": k.reshape(groups * hn, -1),
             dst + "self_attn.v_proj.weight": v.reshape(groups * hn, -1),
             dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
         }
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    return tensors
+
+
+def _stock_config(model, state: dict) -> dict:
+    m, t = model.cfg.model, model.model.config
+    return {
         "vocab_size": state["embedding.word_embeddings.weight"].shape[0],
         "hidden_size": t.hidden_size,
-        "intermediate_size": t.ffn_hidden_size,
         "num_hidden_layers": m.num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": groups,
-        "head_dim": hn,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_query_groups or t.num_attention_heads,
+        "head_dim": t.kv_channels,
         "hidden_act": "silu",
         "max_position_embeddings": model.max_length,
         "rms_norm_eps": t.layernorm_epsilon,
         "rope_theta": float(m.rotary_base),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "bos_token_id": model.tokenizer.eod,
         "eos_token_id": model.tokenizer.eod,
         "pad_token_id": model.tokenizer.pad if model.tokenizer.pad >= 0 else None,
     }
+
+
+def _save_stock(tensors: dict, config: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+def llama_folder(model, state: dict, out: Path) -> None:
+    """A ``pre`` model as a stock ``LlamaForCausalLM`` (no remote code): RMSNorm, SwiGLU, RoPE, no
+    biases, final norm. Megatron's per-group fused QKV is split into q/k/v projections and the
+    fused SwiGLU ``linear_fc1`` into gate (its activated first half) and up."""
+    why = _stock_differences(model, state)
+    if why:
+        raise ConfigError(
+            f"{model.checkpoint} has no stock Llama equivalent ({'; '.join(why)}): export it with --format hf"
+        )
+    tensors = _stock_attention(model, state)
+    for i in range(model.cfg.model.num_layers):
+        src, dst = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.mlp."
+        gate, up = state[src + "linear_fc1.weight"].chunk(2, dim=0)
+        tensors |= {
+            dst + "gate_proj.weight": gate,
+            dst + "up_proj.weight": up,
+            dst + "down_proj.weight": state[src + "linear_fc2.weight"],
+        }
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **_stock_config(model, state),
+        "intermediate_size": model.model.config.ffn_hidden_size,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    _save_stock(tensors, config, out)
+
+
+def mixtral_folder(model, state: dict, out: Path) -> None:
+    """A ``pre`` MoE model with experts in every block as a stock ``MixtralForCausalLM`` (no
+    remote code), in the Hub's Mixtral layout: the router as ``block_sparse_moe.gate``, expert E's
+    fused SwiGLU ``linear_fc1`` as ``w1`` (its activated first half) and ``w3``, its ``linear_fc2``
+    as ``w2``. Mixtral's router (softmax over all logits, top-k, renormalized) equals Megatron's
+    softmax over the top-k logits."""
+    m, t = model.cfg.model, model.model.config
+    why = _stock_differences(model, state)
+    moe = [f"decoder.layers.{i}.mlp.router.weight" in state for i in range(m.num_layers)]
+    if not all(moe):
+        why.append(f"dense blocks between the MoE ones (model.moe.layer_freq={m.moe.layer_freq})")
+    if t.moe_shared_expert_intermediate_size:
+        why.append("a shared expert")
+    why += moe_routing_problems(t)
+    if why:
+        raise ConfigError(
+            f"{model.checkpoint} has no stock Mixtral equivalent ({'; '.join(why)}): export it with --format hf"
+        )
+    tensors = _stock_attention(model, state)
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        tensors[dst + "gate.weight"] = state[src + "router.weight"]
+        for e in range(t.num_moe_experts):
+            expert = f"{src}experts.local_experts.{e}."
+            w1, w3 = state[expert + "linear_fc1.weight"].chunk(2, dim=0)
+            tensors |= {
+                f"{dst}experts.{e}.w1.weight": w1,
+                f"{dst}experts.{e}.w3.weight": w3,
+                f"{dst}experts.{e}.w2.weight": state[expert + "linear_fc2.weight"],
+            }
+    config = {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        **_stock_config(model, state),
+        "intermediate_size": t.moe_ffn_hidden_size,
+        "num_local_experts": t.num_moe_experts,
+        "num_experts_per_tok": t.moe_router_topk,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }
+    _save_stock(tensors, config, out)
+
+
+STOCK_FOLDERS = {"llama": llama_folder, "mixtral": mixtral_folder}
 
 
 def torch_split(qkv, sizes: list[int]):

@@ -171,7 +171,7 @@ def test_llama_format_refuses_moe_in_one_line(mcore, tiny_corpus, tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
-    assert "mixture-of-experts" in result.stderr and "--format hf" in result.stderr
+    assert "mixture-of-experts" in result.stderr and "--format mixtral" in result.stderr
     assert not out.exists()
 
 
@@ -200,3 +200,31 @@ def test_pre_exports_as_stock_llama(mcore, tiny_corpus, tmp_path):
     with pytest.raises(ConfigError, match="no stock Llama equivalent.*QK-norm"):
         _, other, _ = save_tiny(tmp_path / "qk", tokenizer, "pre", extra=("model.qk_layernorm=true",))
         export_hf(str(other), str(tmp_path / "qk-llama"), fmt="llama")
+
+
+def test_pre_moe_exports_as_stock_mixtral(mcore, tiny_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    tokenizer, _ = tiny_corpus
+    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre", moe=True)
+    folder = export_hf(str(path), str(tmp_path / "mixtral"), fmt="mixtral")
+    assert not (folder / "modeling_megaspan.py").exists()
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True
+    )
+    assert isinstance(model, MixtralForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.tensor([[tokenizer.eod, *tokenizer.tokenize(TEXT)]])
+    with torch.no_grad():
+        want = chunk(ids, torch.arange(ids.shape[1]).unsqueeze(0), None).float()
+        got = model.eval()(input_ids=ids).logits
+    diff = (got - want).abs().max().item()
+    print(f"pre MoE as Mixtral: max |HF - megaspan| logit = {diff:.3e}")
+    assert diff < 1e-4, diff
+    with pytest.raises(ConfigError, match="no stock Mixtral equivalent.*dense blocks"):
+        _, other, _ = save_tiny(tmp_path / "mixed", tokenizer, "pre", moe=True, extra=("model.moe.layer_freq=2",))
+        export_hf(str(other), str(tmp_path / "mixed-mixtral"), fmt="mixtral")
+    assert not (tmp_path / "mixed-mixtral").exists()
+    with pytest.raises(ConfigError, match="is a dense model"):
+        _, other, _ = save_tiny(tmp_path / "dense", tokenizer, "pre")
+        export_hf(str(other), str(tmp_path / "dense-mixtral"), fmt="mixtral")

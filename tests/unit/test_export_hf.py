@@ -63,7 +63,9 @@ def _export_and_compare(tokenizer, tmp_path, placement, moe=False, arch="gpt", e
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_hf_logits_equal_megaspans(mcore, tiny_corpus, tmp_path, placement, moe, record_property):
     tokenizer, _ = tiny_corpus
-    diff, scale, folder = _export_and_compare(tokenizer, tmp_path, placement, moe, extra=EXTRA.get(placement, ()))
+    diff, scale, folder = _export_and_compare(
+        tokenizer, tmp_path, placement, moe, extra=EXTRA.get(placement, ())
+    )
     record_property("max_abs_logit_diff", diff)
     kind = "moe" if moe else "dense"
     print(f"{placement} {kind}: max |HF - megaspan| logit = {diff:.3e} (logit scale {scale:.2f})")
@@ -130,7 +132,9 @@ def test_exported_tokenizer_encodes_like_sentencepiece(mcore, tiny_corpus, tmp_p
 
 def test_hybrid_arch_exports_like_gpt(mcore, tiny_corpus, tmp_path):
     tokenizer, _ = tiny_corpus
-    diff, _, _ = _export_and_compare(tokenizer, tmp_path, "spannorm", arch="hybrid", text="for i in range(3):")
+    diff, _, _ = _export_and_compare(
+        tokenizer, tmp_path, "spannorm", arch="hybrid", text="for i in range(3):"
+    )
     assert diff < 1e-4, diff
 
 
@@ -164,7 +168,18 @@ def test_llama_format_refuses_moe_in_one_line(mcore, tiny_corpus, tmp_path):
     _, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre", moe=True)
     out = tmp_path / "llama"
     result = subprocess.run(
-        [sys.executable, "-m", "megaspan", "export", "--checkpoint", str(path), "--format", "llama", "-o", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "megaspan",
+            "export",
+            "--checkpoint",
+            str(path),
+            "--format",
+            "llama",
+            "-o",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -222,7 +237,9 @@ def test_pre_moe_exports_as_stock_mixtral(mcore, tiny_corpus, tmp_path):
     print(f"pre MoE as Mixtral: max |HF - megaspan| logit = {diff:.3e}")
     assert diff < 1e-4, diff
     with pytest.raises(ConfigError, match="no stock Mixtral equivalent.*dense blocks"):
-        _, other, _ = save_tiny(tmp_path / "mixed", tokenizer, "pre", moe=True, extra=("model.moe.layer_freq=2",))
+        _, other, _ = save_tiny(
+            tmp_path / "mixed", tokenizer, "pre", moe=True, extra=("model.moe.layer_freq=2",)
+        )
         export_hf(str(other), str(tmp_path / "mixed-mixtral"), fmt="mixtral")
     assert not (tmp_path / "mixed-mixtral").exists()
     with pytest.raises(ConfigError, match="is a dense model"):

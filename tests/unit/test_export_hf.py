@@ -33,6 +33,10 @@ PLACEMENTS = sorted(available())
 # A 4-layer model: Mix-LN needs floor(alpha L) >= 1 Post-LN block to differ from Pre-LN.
 EXTRA = {"mixln": ("model.norm.mixln_alpha=0.5",)}
 TEXT = "import os\ndef main(argv):\n    return 0"
+# fp32 rounding leaves at most ~1.2e-6 on these logits (of order 1-5). In the Post-LN family at init a
+# block's MLP/MoE barely moves the logits: an MoE router that skips renormalizing its top-k weights
+# (each about halved) changes B2T's and DeepNorm's by only ~6e-5, so 1e-4 would let it pass.
+TOL = 1e-5
 
 
 def _hf_logits(folder, ids: torch.Tensor) -> torch.Tensor:
@@ -69,7 +73,7 @@ def test_hf_logits_equal_megaspans(mcore, tiny_corpus, tmp_path, placement, moe,
     record_property("max_abs_logit_diff", diff)
     kind = "moe" if moe else "dense"
     print(f"{placement} {kind}: max |HF - megaspan| logit = {diff:.3e} (logit scale {scale:.2f})")
-    assert diff < 1e-4, diff
+    assert diff < TOL, diff
     config = json.loads((folder / "config.json").read_text())
     assert config["norm_placement"] == placement
     # tiny MoE (tests/helpers/models.py): 4 experts, top-2, in every block.
@@ -107,7 +111,7 @@ def test_moe_variants_export_exactly(mcore, tiny_corpus, tmp_path, variant):
     placement, arch, extra = MOE_VARIANTS[variant]
     diff, scale, folder = _export_and_compare(tokenizer, tmp_path, placement, True, arch, extra)
     print(f"{variant}: max |HF - megaspan| logit = {diff:.3e} (logit scale {scale:.2f})")
-    assert diff < 1e-4, diff
+    assert diff < TOL, diff
     assert json.loads((folder / "config.json").read_text())["moe_layers"] == [True, False, True, False]
 
 
@@ -135,7 +139,7 @@ def test_hybrid_arch_exports_like_gpt(mcore, tiny_corpus, tmp_path):
     diff, _, _ = _export_and_compare(
         tokenizer, tmp_path, "spannorm", arch="hybrid", text="for i in range(3):"
     )
-    assert diff < 1e-4, diff
+    assert diff < TOL, diff
 
 
 def test_moe_routing_the_modeling_file_lacks_is_refused_before_writing(
@@ -208,7 +212,7 @@ def test_pre_exports_as_stock_llama(mcore, tiny_corpus, tmp_path):
         got = model.eval()(input_ids=ids).logits
     diff = (got - want).abs().max().item()
     print(f"pre as Llama: max |HF - megaspan| logit = {diff:.3e}")
-    assert diff < 1e-4, diff
+    assert diff < TOL, diff
     with pytest.raises(ConfigError, match="no stock Llama equivalent.*norm_placement=post"):
         _, other, _ = save_tiny(tmp_path / "post", tokenizer, "post")
         export_hf(str(other), str(tmp_path / "post-llama"), fmt="llama")
@@ -235,7 +239,7 @@ def test_pre_moe_exports_as_stock_mixtral(mcore, tiny_corpus, tmp_path):
         got = model.eval()(input_ids=ids).logits
     diff = (got - want).abs().max().item()
     print(f"pre MoE as Mixtral: max |HF - megaspan| logit = {diff:.3e}")
-    assert diff < 1e-4, diff
+    assert diff < TOL, diff
     with pytest.raises(ConfigError, match="no stock Mixtral equivalent.*dense blocks"):
         _, other, _ = save_tiny(
             tmp_path / "mixed", tokenizer, "pre", moe=True, extra=("model.moe.layer_freq=2",)

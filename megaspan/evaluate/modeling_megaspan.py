@@ -20,8 +20,18 @@ A = attention, F = MLP, l = 1-based layer index, L = num_layers):
     hybridnorm       y = x + A_qkvnorm(x);              z = N_mlp y; x' = z + F z
     hybridnorm_star  as hybridnorm, but block 1 is pre with A_qkvnorm
 
-A_qkvnorm normalizes Q, K and V per head (before RoPE). A final norm runs before the LM head
-when the checkpoint has one (``decoder.final_layernorm``).
+A_qkvnorm normalizes Q, K and V per head (before RoPE); ``qk_layernorm`` adds per-head Q and K
+norms to every placement's attention. A final norm runs before the LM head when the checkpoint has
+one (``decoder.final_layernorm``).
+
+Mixture of experts (``num_moe_experts``): in the blocks ``moe_layers`` marks, F is Megatron-Core's
+``MoELayer`` as megaspan trains it. The router scores the token, ``logits = W_r x (+ b_r)``; the top
+``moe_router_topk`` logits are softmaxed among themselves into weights p_e, and
+
+    F(x) = sum over the chosen experts e of p_e * E_e(x)  [+ S(x), the shared expert]
+
+where every expert E_e (and S) is an MLP like the dense one. No expert capacity: no token is
+dropped, so each token's output depends on that token only.
 """
 
 from __future__ import annotations
@@ -60,6 +70,13 @@ class MegaspanConfig(PretrainedConfig):
         norm_options: dict | None = None,
         final_norm: bool = True,
         tie_word_embeddings: bool = True,
+        qk_layernorm: bool = False,
+        num_moe_experts: int | None = None,
+        moe_router_topk: int = 2,
+        moe_ffn_hidden_size: int | None = None,
+        moe_shared_expert_intermediate_size: int | None = None,
+        moe_layers: list[bool] | None = None,
+        moe_router_dtype: str | None = None,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -82,6 +99,15 @@ class MegaspanConfig(PretrainedConfig):
         self.norm_placement = norm_placement
         self.norm_options = dict(norm_options or {})
         self.final_norm = final_norm
+        self.qk_layernorm = qk_layernorm
+        self.num_moe_experts = num_moe_experts
+        self.moe_router_topk = moe_router_topk
+        self.moe_ffn_hidden_size = moe_ffn_hidden_size or ffn_hidden_size
+        self.moe_shared_expert_intermediate_size = moe_shared_expert_intermediate_size
+        # Which blocks are MoE (the rest are dense); None = all of them when there are experts.
+        self.moe_layers = list(moe_layers) if moe_layers is not None else [bool(num_moe_experts)] * num_layers
+        # The router's precision: "fp32"/"fp64", or None for the model's dtype.
+        self.moe_router_dtype = moe_router_dtype
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
@@ -115,7 +141,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Megatron's fused QKV: per query group, [its heads' Q rows; K rows; V rows]."""
+    """Megatron's fused QKV: per query group, [its heads' Q rows; K rows; V rows]. Per-head norms:
+    Q, K and V with ``qkv_norm`` (HybridNorm), Q and K with ``config.qk_layernorm``."""
 
     def __init__(self, config: MegaspanConfig, qkv_norm: bool) -> None:
         super().__init__()
@@ -127,9 +154,11 @@ class SelfAttention(nn.Module):
         qkv_rows = self.groups * (self.heads // self.groups + 2) * self.hn
         self.linear_qkv = nn.Linear(config.hidden_size, qkv_rows, bias=config.add_bias_linear)
         self.linear_proj = nn.Linear(self.heads * self.hn, config.hidden_size, bias=config.add_bias_linear)
-        if qkv_norm:
+        self.qk_norm = qkv_norm or config.qk_layernorm
+        if self.qk_norm:
             self.q_layernorm = _norm(config, self.hn)
             self.k_layernorm = _norm(config, self.hn)
+        if qkv_norm:
             self.v_layernorm = _norm(config, self.hn)
         self.qkv_norm = qkv_norm
 
@@ -139,8 +168,10 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(x).view(b, s, self.groups, (rep + 2) * self.hn)
         q, k, v = torch.split(qkv, [rep * self.hn, self.hn, self.hn], dim=-1)
         q = q.reshape(b, s, self.heads, self.hn)
+        if self.qk_norm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if self.qkv_norm:
-            q, k, v = self.q_layernorm(q), self.k_layernorm(k), self.v_layernorm(v)
+            v = self.v_layernorm(v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads or groups, s, hn]
         if rope is not None:
             cos, sin = rope
@@ -153,11 +184,14 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: MegaspanConfig) -> None:
+    """The dense MLP, and each expert of an MoE block with ``ffn_hidden_size`` = its width."""
+
+    def __init__(self, config: MegaspanConfig, ffn_hidden_size: int | None = None) -> None:
         super().__init__()
-        rows = config.ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        rows = ffn * (2 if config.gated_linear_unit else 1)
         self.linear_fc1 = nn.Linear(config.hidden_size, rows, bias=config.add_bias_linear)
-        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+        self.linear_fc2 = nn.Linear(ffn, config.hidden_size, bias=config.add_bias_linear)
         self.gated = config.gated_linear_unit
         self.act = {"silu": F.silu, "gelu": F.gelu}[config.activation]
 
@@ -169,6 +203,62 @@ class MLP(nn.Module):
         return self.linear_fc2(self.act(h))
 
 
+class Router(nn.Module):
+    """Megatron-Core's ``TopKRouter`` at inference, as megaspan configures it: softmax scores taken
+    after the top-k (the chosen logits are softmaxed among themselves, so the weights sum to 1), no
+    expert bias, no score scaling, no capacity (no token is dropped)."""
+
+    def __init__(self, config: MegaspanConfig) -> None:
+        super().__init__()
+        self.topk = config.moe_router_topk
+        self.logit_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(config.moe_router_dtype)
+        self.weight = nn.Parameter(torch.empty(config.num_moe_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.empty(config.num_moe_experts)) if config.add_bias_linear else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` [tokens, hidden] -> (weights, experts), both [tokens, topk]."""
+        dtype = self.logit_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        top, experts = logits.topk(self.topk, dim=-1)
+        return torch.softmax(top, dim=-1, dtype=torch.float32).to(dtype), experts
+
+
+class Experts(nn.Module):
+    """Megatron's ``SequentialMLP`` layout: ``local_experts.N`` is expert N."""
+
+    def __init__(self, config: MegaspanConfig) -> None:
+        super().__init__()
+        self.local_experts = nn.ModuleList(
+            MLP(config, config.moe_ffn_hidden_size) for _ in range(config.num_moe_experts)
+        )
+
+
+class MoE(nn.Module):
+    """Megatron-Core's ``MoELayer``: each token's output is the router-weighted sum of its top-k
+    experts' outputs, plus the shared expert's (``shared_experts``, when configured)."""
+
+    def __init__(self, config: MegaspanConfig) -> None:
+        super().__init__()
+        self.router = Router(config)
+        self.experts = Experts(config)
+        if config.moe_shared_expert_intermediate_size:
+            self.shared_experts = MLP(config, config.moe_shared_expert_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # tokens are routed one by one
+        weights, chosen = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts.local_experts):
+            token, k = torch.where(chosen == e)  # the tokens that chose expert e, as their k-th
+            if len(token):
+                out.index_add_(0, token, (weights[token, k, None] * expert(x[token])).to(x.dtype))
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, config: MegaspanConfig, layer: int) -> None:
         super().__init__()
@@ -178,7 +268,7 @@ class Block(nn.Module):
             post = layer <= math.floor(config.norm_options.get("mixln_alpha", 0.25) * config.num_layers)
             self.placement = "post" if post else "pre"
         self.self_attention = SelfAttention(config, self.placement.startswith("hybridnorm"))
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.moe_layers[layer - 1] else MLP(config)
         for slot in _slots(config, layer):
             setattr(self, slot, _norm(config, config.hidden_size))
 

@@ -1,7 +1,9 @@
 """lm-evaluation-harness over a megaspan model: an ``lm_eval`` ``TemplateLM`` and ``megaspan eval``.
 
 The harness owns the tasks, prompts, request building and metrics; this module only answers its
-three kinds of requests from the model's logits:
+three kinds of requests from the model's logits, for ``megaspan eval`` (a checkpoint loaded into
+one process) and for the in-loop downstream hook (the live model under its TP/PP layout,
+:mod:`megaspan.evaluate.live`) alike:
 
 * ``loglikelihood`` (multiple choice, LAMBADA...): the harness's ``TemplateLM`` splits each
   (context, continuation) pair into token ids (trailing context spaces move to the continuation);

@@ -107,7 +107,8 @@ class LiveModel:
         padded, tgt = padded.to(self.device), tgt.to(self.device)
         positions = torch.arange(width, device=self.device).unsqueeze(0).expand(per, width)
         micro = [
-            dict(tokens=padded[i * per : (i + 1) * per], targets=tgt[i * per : (i + 1) * per]) for i in range(m)
+            dict(tokens=padded[i * per : (i + 1) * per], targets=tgt[i * per : (i + 1) * per])
+            for i in range(m)
         ]
 
         def step(data_iterator, model):
@@ -133,6 +134,8 @@ class LiveModel:
             out = torch.empty((m * per, width, last_dim), dtype=torch.float32, device=self.device)
         if m > 1:
             dist.broadcast(
-                out, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+                out,
+                src=ps.get_pipeline_model_parallel_last_rank(),
+                group=ps.get_pipeline_model_parallel_group(),
             )
         return out[:rows, :s].cpu()

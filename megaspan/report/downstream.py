@@ -45,7 +45,9 @@ def _rows(runs: list[RunRecord]) -> list[tuple[str, int | None, float | None, li
         if r.status in ("completed", "collapsed"):
             by[(r.placement, r.depth)].append(r)
     rows = []
-    for (placement, depth), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0)):
+    for (placement, depth), rs in sorted(
+        by.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0)
+    ):
         lrs = {r.lr for r in rs}
         rows.append((placement, depth, lrs.pop() if len(lrs) == 1 else None, rs))
     return rows
@@ -67,5 +69,7 @@ def downstream_table(runs: list[RunRecord]) -> Table:
         for key in columns:
             interval = t_interval(s.get(key) for s in with_scores)
             cells.append("-" if interval is None else interval.text(4))
-        rows.append([placement, "-" if depth is None else str(depth), fmt_lr(lr), *cells, str(len(with_scores))])
+        rows.append(
+            [placement, "-" if depth is None else str(depth), fmt_lr(lr), *cells, str(len(with_scores))]
+        )
     return headers, rows

@@ -29,7 +29,9 @@ def _requests():
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
-def reference(rank: int, world_size: int, tokenizer_path: str, ckpt_dir: str, tasks_dir: str, hf_cache: str) -> dict:
+def reference(
+    rank: int, world_size: int, tokenizer_path: str, ckpt_dir: str, tasks_dir: str, hf_cache: str
+) -> dict:
     """Save a fresh tiny model (step 0) and score it in this one process as ``megaspan eval`` does."""
     from megaspan.data.tokenizer import load_tokenizer
     from megaspan.evaluate.harness import MegaspanLM, evaluate_tasks, task_scores
@@ -52,7 +54,8 @@ def reference(rank: int, world_size: int, tokenizer_path: str, ckpt_dir: str, ta
 def _samples(n: int) -> list[dict[str, torch.Tensor]]:
     tokens = torch.arange(n * (SEQ + 1)).remainder(100).view(n, SEQ + 1)
     return [
-        dict(tokens=t[:-1], labels=t[1:], loss_mask=torch.ones(SEQ), position_ids=torch.arange(SEQ)) for t in tokens
+        dict(tokens=t[:-1], labels=t[1:], loss_mask=torch.ones(SEQ), position_ids=torch.arange(SEQ))
+        for t in tokens
     ]
 
 

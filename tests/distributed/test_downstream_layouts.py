@@ -50,7 +50,9 @@ def test_the_hook_under_a_layout_scores_like_one_process(dist_pool, one_process,
     first = per_rank[0]
     for other in per_rank[1:]:  # the harness on every rank saw the same numbers
         assert other == first
-    for (logprob, greedy), (want, want_greedy) in zip(first["loglikelihoods"], ref["loglikelihoods"], strict=True):
+    for (logprob, greedy), (want, want_greedy) in zip(
+        first["loglikelihoods"], ref["loglikelihoods"], strict=True
+    ):
         assert logprob == pytest.approx(want, rel=REL, abs=1e-5)
         assert greedy == want_greedy
     assert first["scores"].keys() == ref["scores"].keys() == set(dw.TASKS)

@@ -40,18 +40,41 @@ def test_the_keys_load_from_dotted_overrides() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["eval.downstream.tasks=[piqa]", "eval.downstream.interval=0"], "eval.downstream.interval must be >= 1, got 0"),
-        (["eval.downstream.tasks=[piqa]", "eval.downstream.limit=0"], "eval.downstream.limit must be >= 1, got 0"),
-        (["eval.downstream.tasks=[piqa]", "eval.downstream.batch_size=0"], "eval.downstream.batch_size must be >= 1"),
-        (["eval.downstream.tasks=[piqa]", "eval.downstream.num_fewshot=-1"], "eval.downstream.num_fewshot must be >= 0"),
-        (["eval.downstream.interval=10"], "eval.downstream.interval is set but eval.downstream.tasks is empty"),
+        (
+            ["eval.downstream.tasks=[piqa]", "eval.downstream.interval=0"],
+            "eval.downstream.interval must be >= 1, got 0",
+        ),
+        (
+            ["eval.downstream.tasks=[piqa]", "eval.downstream.limit=0"],
+            "eval.downstream.limit must be >= 1, got 0",
+        ),
+        (
+            ["eval.downstream.tasks=[piqa]", "eval.downstream.batch_size=0"],
+            "eval.downstream.batch_size must be >= 1",
+        ),
+        (
+            ["eval.downstream.tasks=[piqa]", "eval.downstream.num_fewshot=-1"],
+            "eval.downstream.num_fewshot must be >= 0",
+        ),
+        (
+            ["eval.downstream.interval=10"],
+            "eval.downstream.interval is set but eval.downstream.tasks is empty",
+        ),
         (["eval.downstream.tasks=[piqa, '']"], r"eval.downstream.tasks\[1\] is empty"),
         (
             ["eval.downstream.tasks=[piqa]", "parallel.context_parallel_size=2"],
             "eval.downstream.tasks with parallel.context_parallel_size > 1 is not supported",
         ),
     ],
-    ids=["interval-0", "limit-0", "batch-0", "fewshot-negative", "interval-without-tasks", "blank-task", "cp2"],
+    ids=[
+        "interval-0",
+        "limit-0",
+        "batch-0",
+        "fewshot-negative",
+        "interval-without-tasks",
+        "blank-task",
+        "cp2",
+    ],
 )
 def test_what_cannot_run_fails_in_one_line(overrides, message) -> None:
     cfg = load_config("tiny", overrides)

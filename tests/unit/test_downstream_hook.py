@@ -160,7 +160,11 @@ def test_the_hook_scores_what_megaspan_eval_scores_on_the_checkpoint_of_that_ste
         for task, metrics in offline.items():
             assert metrics.keys() == live[step][task].keys(), task
             for metric, value in metrics.items():
-                assert live[step][task][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, task, metric)
+                assert live[step][task][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (
+                    step,
+                    task,
+                    metric,
+                )
     # The scores follow the weights: two steps of training move the perplexity.
     bpb = [live[s]["megaspan_test_ppl"]["bits_per_byte"] for s in (INTERVAL, STEPS)]
     assert bpb[0] != bpb[1]
@@ -205,17 +209,21 @@ def test_scores_reach_tensorboard_summary_and_report(runs, tmp_path):
     assert f"{acc:.4f} (n=1, no interval)" in row
 
 
-def test_task_names_are_checked_against_the_harness(tmp_path, tiny_corpus):
+def test_task_names_are_checked_against_the_harness(tmp_path):
     from megaspan.config.loader import load_config
     from megaspan.evaluate.harness import check_downstream_tasks
 
     tasks = write_tasks(tmp_path, TEXT)
     ok = load_config(None, [f"eval.downstream.tasks=[{TASKS[0]}]", f"eval.downstream.include_path={tasks}"])
     assert check_downstream_tasks(ok.eval.downstream) is not None
-    unknown = load_config(None, ["eval.downstream.tasks=[no_such_task_xyz]", f"eval.downstream.include_path={tasks}"])
+    unknown = load_config(
+        None, ["eval.downstream.tasks=[no_such_task_xyz]", f"eval.downstream.include_path={tasks}"]
+    )
     with pytest.raises(ConfigError, match="eval.downstream.tasks: unknown lm-eval task no_such_task_xyz"):
         check_downstream_tasks(unknown.eval.downstream)
-    missing = load_config(None, ["eval.downstream.tasks=[hellaswag]", f"eval.downstream.include_path={tmp_path / 'nope'}"])
+    missing = load_config(
+        None, ["eval.downstream.tasks=[hellaswag]", f"eval.downstream.include_path={tmp_path / 'nope'}"]
+    )
     with pytest.raises(ConfigError, match="eval.downstream.include_path=.*nope is not a directory"):
         check_downstream_tasks(missing.eval.downstream)
 

@@ -14,7 +14,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +28,8 @@ from tests.helpers.evaluate import QUESTIONS, TEXT, save_tiny, write_tasks  # no
 pytestmark = pytest.mark.integration
 
 SEQ = 32
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

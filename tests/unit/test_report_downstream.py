@@ -80,8 +80,19 @@ def test_the_table_is_the_mean_and_t_interval_of_the_final_scores(tmp_path: Path
 def test_on_an_lr_grid_each_row_is_its_best_lr(tmp_path: Path) -> None:
     # lr 0.01 has the lower validation loss: its scores are reported, not lr 0.03's.
     for seed in (1, 2):
-        _run(tmp_path, f"a-s{seed}", "spannorm", 4, seed, lr=0.01, final_val=2.0, downstream=_scores(0.5 + 0.1 * seed, 0.7))
-        _run(tmp_path, f"b-s{seed}", "spannorm", 4, seed, lr=0.03, final_val=2.5, downstream=_scores(0.1, 0.1))
+        _run(
+            tmp_path,
+            f"a-s{seed}",
+            "spannorm",
+            4,
+            seed,
+            lr=0.01,
+            final_val=2.0,
+            downstream=_scores(0.5 + 0.1 * seed, 0.7),
+        )
+        _run(
+            tmp_path, f"b-s{seed}", "spannorm", 4, seed, lr=0.03, final_val=2.5, downstream=_scores(0.1, 0.1)
+        )
     headers, rows = downstream_table(collect([tmp_path]))
     # acc 0.6 and 0.7: mean 0.65, sd 0.0707107, half = t(1) * sd / sqrt(2) = 12.706205 * 0.05.
     half = 12.706205 * 0.05

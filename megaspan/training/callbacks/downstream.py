@@ -34,7 +34,9 @@ def preserved_rng():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     python, numpy_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     tracker = get_cuda_rng_tracker()
     tracked = {name: state.clone() for name, state in tracker.get_states().items()}
     try:
@@ -124,9 +126,12 @@ class DownstreamHook(Hook):
         scores = task_scores(results)
         trainer.downstream[step] = scores
         trainer.log.scalars(
-            {f"downstream/{task}/{m}": v for task, metrics in scores.items() for m, v in metrics.items()}, step
+            {f"downstream/{task}/{m}": v for task, metrics in scores.items() for m, v in metrics.items()},
+            step,
         )
-        text = " | ".join(f"{task} {m} {v:.4f}" for task, metrics in scores.items() for m, v in metrics.items())
+        text = " | ".join(
+            f"{task} {m} {v:.4f}" for task, metrics in scores.items() for m, v in metrics.items()
+        )
         trainer.log.info(f"downstream {text} | step {step} ({time.perf_counter() - t0:.1f} s)")
         self.last = step
         return scores

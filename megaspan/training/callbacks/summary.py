@@ -152,7 +152,9 @@ class SummaryHook(Hook):
         downstream = {
             **(self.previous.get("downstream") or {}),
             **{
-                str(step): {task: {m: _finite(v) for m, v in metrics.items()} for task, metrics in scores.items()}
+                str(step): {
+                    task: {m: _finite(v) for m, v in metrics.items()} for task, metrics in scores.items()
+                }
                 for step, scores in getattr(trainer, "downstream", {}).items()
             },
         }

@@ -81,6 +81,7 @@ def live(
         "spannorm", seq_length=SEQ, extra=(f"tokenizer.model={tokenizer_path}", "model.arch=gpt")
     ) + [
         "training.steps=1",
+        "schedule.warmup_steps=0",
         "training.micro_batch_size=2",
         "training.global_batch_size=4",
         "training.eval_steps=1",

@@ -29,6 +29,13 @@ def _requests():
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
+def _generation():
+    """One greedy generation request (the gathered-logits path of the live model)."""
+    from lm_eval.api.instance import Instance
+
+    return [Instance("generate_until", {}, ("def main(", {"until": ["\n\n"], "max_gen_toks": 6}), 0)]
+
+
 def reference(
     rank: int, world_size: int, tokenizer_path: str, ckpt_dir: str, tasks_dir: str, hf_cache: str
 ) -> dict:
@@ -47,6 +54,7 @@ def reference(
     return dict(
         checkpoint=str(path),
         loglikelihoods=lm.loglikelihood(_requests()),
+        generated=lm.generate_until(_generation()),
         scores=task_scores(evaluate_tasks(lm, TASKS, include_path=tasks_dir)),
     )
 
@@ -102,7 +110,9 @@ def live(
         (hook,) = [h for h in trainer.hooks if isinstance(h, DownstreamHook)]
         scores = hook.run(trainer)
         with eval_mode(trainer.objs.model):
-            loglikelihoods = hook._adapter(trainer).loglikelihood(_requests())
+            lm = hook._adapter(trainer)
+            loglikelihoods = lm.loglikelihood(_requests())
+            generated = lm.generate_until(_generation())
     finally:
         trainer.close()
-    return dict(scores=scores, loglikelihoods=loglikelihoods)
+    return dict(scores=scores, loglikelihoods=loglikelihoods, generated=generated)

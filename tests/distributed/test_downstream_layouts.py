@@ -1,8 +1,9 @@
 """The in-loop downstream hook scores the live model under TP2 and PP2 (and PP2 x VPP2) as one
 process scores the same weights: one process saves a tiny model and scores it through
 ``megaspan eval``'s path; each layout loads those weights (weights-only) into a real trainer on
-two gloo ranks and runs the hook. Every rank must report the same numbers, equal to the
-one-process ones to fp32 precision (TP sums the softmax over vocabulary shards in another order).
+two gloo ranks and runs the hook (and the adapter's log-likelihood and greedy generation requests
+directly). Every rank must report the same numbers, equal to the one-process ones to fp32
+precision (TP sums the softmax over vocabulary shards in another order).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def test_the_hook_under_a_layout_scores_like_one_process(dist_pool, one_process,
     ):
         assert logprob == pytest.approx(want, rel=REL, abs=1e-5)
         assert greedy == want_greedy
+    assert ref["generated"] != [""]  # something to compare
+    assert first["generated"] == ref["generated"]  # greedy, through the logits gathered over TP
     assert first["scores"].keys() == ref["scores"].keys() == set(dw.TASKS)
     for task, metrics in ref["scores"].items():
         assert first["scores"][task].keys() == metrics.keys()

@@ -243,6 +243,7 @@ def evaluate_tasks(
     limit: int | float | None = None,
     num_fewshot: int | None = None,
     seed: int = 1234,
+    bootstrap_iters: int = 100000,
 ) -> dict[str, Any] | None:
     """Run lm-eval's ``simple_evaluate`` on ``lm``; returns ``{"results": {task: {metric: value}},
     "n_samples": ..., "versions": ...}`` (the JSON-safe part of the harness's output).
@@ -250,7 +251,9 @@ def evaluate_tasks(
     The harness returns its results only in the process whose ``LOCAL_RANK`` is 0 (or unset);
     elsewhere this returns None (the in-loop hook broadcasts rank 0's). It seeds Python's,
     numpy's and torch's global generators with ``seed``: a caller that trains on afterwards
-    restores them (the hook does)."""
+    restores them (the hook does). ``bootstrap_iters``: the harness's resampling for the standard
+    errors (for perplexity, F1, BLEU...: a process pool of every core); 0 skips them (they read
+    "N/A"; the scores are the same)."""
     _require_lm_eval()
     import lm_eval
 
@@ -266,6 +269,7 @@ def evaluate_tasks(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
         log_samples=False,
     )
     if out is None:

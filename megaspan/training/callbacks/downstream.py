@@ -117,6 +117,8 @@ class DownstreamHook(Hook):
                 include_path=self.cfg.include_path,
                 limit=self.cfg.limit,
                 num_fewshot=self.cfg.num_fewshot,
+                # The standard errors are not kept, and their resampling would run on every rank.
+                bootstrap_iters=0,
             )
         if dist.is_initialized() and dist.get_world_size() > 1:
             # The harness returns its results where LOCAL_RANK is 0; every rank computed the same.

@@ -256,3 +256,32 @@ def test_bad_settings_fail_in_one_line_before_anything_is_written(tmp_path, over
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result.stderr[-3000:]
     assert not run.exists()
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_megaspan_train_scores_in_the_loop(tmp_path, tiny_corpus):
+    """The real command on the tiny recipe: the tokenizer it trains (its cached path, not a
+    tokenizer.model setting) scores the tasks at each interval and at the end."""
+    tasks = write_tasks(tmp_path, TEXT)
+    run = tmp_path / "run"
+    result = cli.train(
+        run,
+        "training.steps=3",
+        "schedule.warmup_steps=1",
+        "training.eval_interval=100",
+        "logging.progress_bar=false",
+        "eval.downstream.tasks=[megaspan_test_mc]",
+        f"eval.downstream.include_path={tasks}",
+        "eval.downstream.interval=2",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "hf"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["downstream"]) == ["2", "3"]  # the interval, then the end
+    acc = summary["downstream"]["3"]["megaspan_test_mc"]["acc"]
+    assert acc in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 questions
+    lines = [
+        line for line in (run / "train.log").read_text().splitlines() if "downstream megaspan_test_mc" in line
+    ]
+    assert len(lines) == 2 and f"acc {acc:.4f} | step 3" in lines[-1], lines

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", metavar="DIR", default=None, help="a directory of extra task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="at most N examples per task (<1: a fraction)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass; default: 8")
+    p.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples per prompt; default: each task's own"
+    )
     p.add_argument("--output", metavar="FILE.json", default=None, help="write the results here")
     p.set_defaults(func=run)
 
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks is empty: name at least one lm-eval task")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot {args.num_fewshot}: must be >= 0")
     from megaspan.evaluate.harness import (
         MegaspanLM,
         _require_lm_eval,
@@ -54,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate_tasks(
-        MegaspanLM(model, args.batch_size), tasks, include_path=args.include_path, limit=limit
+        MegaspanLM(model, args.batch_size),
+        tasks,
+        include_path=args.include_path,
+        limit=limit,
+        num_fewshot=args.num_fewshot,
     )
     results["checkpoint"] = str(model.checkpoint)
     results["step"] = model.step

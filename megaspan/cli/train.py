@@ -1,9 +1,10 @@
 """``megaspan train``: validate the whole config, then train (or resume) a run.
 
 Order matters: the config is loaded and :func:`megaspan.config.validate` runs every data-free
-check (layout, batch sizes, schedule, norm options, Transformer Engine/FP8/CUDA availability)
-before anything touches the data cache or the run directory, so a bad input fails in one line and
-leaves no trace. The work itself is :func:`megaspan.training.build.train`.
+check (layout, batch sizes, schedule, norm options, Transformer Engine/FP8/CUDA availability),
+and the ``eval.downstream`` task names against lm-evaluation-harness's task list, before anything
+touches the data cache or the run directory, so a bad input fails in one line and leaves no trace.
+The work itself is :func:`megaspan.training.build.train`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     validate(cfg, env_from_launcher().world_size, detect_capabilities())
+    if cfg.eval.downstream.tasks:  # lm-eval's task list: unknown names fail here, before any write
+        from megaspan.evaluate.harness import check_downstream_tasks
+
+        check_downstream_tasks(cfg.eval.downstream)
     if args.dry_run:
         import yaml
 

@@ -168,6 +168,11 @@ RANGES: dict[str, Range] = {
     # logging
     "logging.log_interval": SIZE,
     "logging.diagnostics_interval": _at_least(1, "null turns diagnostics off"),
+    # eval
+    "eval.downstream.interval": _at_least(1, "null scores the tasks once, at the end of training"),
+    "eval.downstream.limit": _at_least(1, "null scores every example of each task"),
+    "eval.downstream.batch_size": SIZE,
+    "eval.downstream.num_fewshot": _at_least(0, "null keeps each task's default"),
 }
 
 

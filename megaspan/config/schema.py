@@ -275,6 +275,30 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class DownstreamConfig:
+    """In-loop downstream evaluation: lm-evaluation-harness tasks scored on the live model under
+    the run's layout (docs/evaluate.md). Needs ``pip install 'megaspan[eval]'``."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names, e.g. [hellaswag, piqa, arc_easy]; empty = off."""
+    interval: Optional[int] = None
+    """Score every N steps; None = only once, at the end of training."""
+    limit: Optional[int] = None
+    """At most N examples per task; None = every example (the whole task set, each time)."""
+    include_path: Optional[str] = None
+    """A directory of extra task YAMLs (your own or offline tasks), as lm-eval's --include_path."""
+    batch_size: int = 8
+    """Sequences per forward pass of the scoring (each as long as the longest in its batch)."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt; None = each task's own default (0 unless its YAML sets one)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+
+
+@dataclass(kw_only=True)
 class MegaspanConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -286,3 +310,4 @@ class MegaspanConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

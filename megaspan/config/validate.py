@@ -314,6 +314,36 @@ def check_checkpoint(cfg: MegaspanConfig) -> None:
         )
 
 
+def check_downstream(cfg: MegaspanConfig) -> None:
+    """``eval.downstream``: the settings alone (the task names are checked against lm-eval's task
+    list by :func:`megaspan.evaluate.harness.check_downstream_tasks`, which needs the harness)."""
+    d = cfg.eval.downstream
+    blank = [i for i, task in enumerate(d.tasks) if not task.strip()]
+    if blank:
+        raise ConfigError(
+            f"eval.downstream.tasks[{blank[0]}] is empty: name lm-eval tasks, e.g. "
+            "eval.downstream.tasks=[hellaswag,piqa]"
+        )
+    if not d.tasks:
+        for key, value in (
+            ("interval", d.interval),
+            ("limit", d.limit),
+            ("include_path", d.include_path),
+            ("num_fewshot", d.num_fewshot),
+        ):
+            if value is not None:
+                raise ConfigError(
+                    f"eval.downstream.{key} is set but eval.downstream.tasks is empty: name the tasks, "
+                    "e.g. eval.downstream.tasks=[hellaswag,piqa], or drop the setting"
+                )
+        return
+    if cfg.parallel.context_parallel_size > 1:
+        raise ConfigError(
+            "eval.downstream.tasks with parallel.context_parallel_size > 1 is not supported: score the "
+            "run's checkpoints with `megaspan eval` instead"
+        )
+
+
 # ---- the machine: CUDA, Transformer Engine, FP8 ----------------------------------------------
 
 FP8_RECIPE_MIN_TE = {"delayed": None, "tensorwise": "2.2", "blockwise": "2.3", "mxfp8": "2.1"}
@@ -445,6 +475,7 @@ _CONFIG_CHECKS: tuple[Callable[[MegaspanConfig], None], ...] = (
     check_checkpoint,
     check_schedule,
     check_fp8_shapes,
+    check_downstream,
 )
 """Checks of the config alone, in the order they run (the first failure is reported)."""
 

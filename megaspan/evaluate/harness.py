@@ -1,7 +1,9 @@
 """lm-evaluation-harness over a megaspan model: an ``lm_eval`` ``TemplateLM`` and ``megaspan eval``.
 
 The harness owns the tasks, prompts, request building and metrics; this module only answers its
-three kinds of requests from the model's logits:
+three kinds of requests from the model's logits, for ``megaspan eval`` (a checkpoint loaded into
+one process) and for the in-loop downstream hook (the live model under its TP/PP layout,
+:mod:`megaspan.evaluate.live`) alike:
 
 * ``loglikelihood`` (multiple choice, LAMBADA...): the harness's ``TemplateLM`` splits each
   (context, continuation) pair into token ids (trailing context spaces move to the continuation);
@@ -23,12 +25,12 @@ token that starts a document.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from megaspan.errors import ConfigError, UserError
 
@@ -38,16 +40,20 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     TemplateLM = object  # type: ignore[assignment,misc]
 
 
-def _require_lm_eval() -> None:
+def _require_lm_eval(what: str = "megaspan eval") -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise UserError("megaspan eval needs lm-evaluation-harness: pip install 'megaspan[eval]'") from None
+        raise UserError(f"{what} needs lm-evaluation-harness: pip install 'megaspan[eval]'") from None
 
 
 class MegaspanLM(TemplateLM):
-    """An lm-eval model over anything with ``logits(tokens[b, s]) -> [b, s, vocab]``,
-    ``tokenizer``, ``max_length`` and ``device`` (a :class:`~megaspan.evaluate.model.LoadedModel`)."""
+    """An lm-eval model over anything with ``target_scores(tokens[b, s], targets[b, s])`` (per
+    position: log-probability of the target and whether it is the greedy choice),
+    ``logits(tokens[b, s]) -> [b, s, vocab]`` (generation), ``tokenizer``, ``max_length``,
+    ``vocab_size`` and ``device``: a one-process :class:`~megaspan.evaluate.model.LoadedModel`
+    (``megaspan eval``) or the live model under its layout,
+    :class:`~megaspan.evaluate.live.LiveModel` (the in-loop hook)."""
 
     def __init__(self, model, batch_size: int = 8, max_gen_toks: int = 256) -> None:
         super().__init__()
@@ -88,7 +94,11 @@ class MegaspanLM(TemplateLM):
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), continuation is the greedy choice) per pair, in
-        length-sorted batches."""
+        length-sorted batches.
+
+        The one scoring path of ``megaspan eval`` and the in-loop hook: the model answers
+        ``target_scores(tokens, targets)`` per position (a one-process model from its logits, the
+        live model across its TP/PP layout; both through :func:`megaspan.evaluate.scoring.target_scores`)."""
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         inputs = []
         for ctx, cont in pairs:
@@ -99,20 +109,25 @@ class MegaspanLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             width = len(inputs[batch[0]][0])
+            if width == 0:  # nothing to condition on and nothing to score
+                for i in batch:
+                    results[i] = (0.0, True)
+                continue
             tokens = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
+            targets = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
             for row, i in enumerate(batch):
-                inp = inputs[i][0]
+                inp, target = inputs[i]
                 tokens[row, : len(inp)] = torch.tensor(inp)
-            logprobs = F.log_softmax(self.model.logits(tokens), dim=-1).cpu()
+                if target:
+                    targets[row, len(inp) - len(target) : len(inp)] = torch.tensor(target)
+            logprobs, greedy = self.model.target_scores(tokens, targets)
             for row, i in enumerate(batch):
                 inp, target = inputs[i]
                 if not target:
                     results[i] = (0.0, True)
                     continue
-                rows = logprobs[row, len(inp) - len(target) : len(inp)]
-                target_t = torch.tensor(target)
-                total = float(rows.gather(1, target_t.unsqueeze(1)).sum())
-                results[i] = (total, bool((rows.argmax(-1) == target_t).all()))
+                span = slice(len(inp) - len(target), len(inp))
+                results[i] = (float(logprobs[row, span].sum()), bool(greedy[row, span].all()))
         return results  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -173,22 +188,51 @@ class MegaspanLM(TemplateLM):
         return outputs
 
 
-def _task_manager(include_path: str | None):
+INCLUDE_HINT = "pass --include-path DIR with your own task YAMLs"
+"""How ``megaspan eval`` is told about task YAMLs of its own (the config key says it otherwise)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed_tasks(include_path: str | None):
+    """lm-eval's task index (it reads every task YAML the harness ships: seconds), built once per
+    process and ``include_path``: the config check before training and every in-loop evaluation
+    share it."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise ConfigError(f"--include-path {include_path} is not a directory of task YAMLs")
     return TaskManager(include_path=include_path)
 
 
-def check_tasks(tasks: list[str], manager) -> None:
+def _task_manager(include_path: str | None, key: str = "--include-path "):
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ConfigError(f"{key}{include_path} is not a directory of task YAMLs")
+    return _indexed_tasks(include_path)
+
+
+def check_tasks(tasks: list[str], manager, hint: str = INCLUDE_HINT, where: str = "") -> None:
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ConfigError(
-            f"unknown lm-eval task {', '.join(unknown)}: see `lm-eval ls tasks` for the names, or pass "
-            "--include-path DIR with your own task YAMLs"
+            f"{where}unknown lm-eval task {', '.join(unknown)}: see `lm-eval ls tasks` for the names, or {hint}"
         )
+
+
+def check_downstream_tasks(downstream) -> Any:
+    """``eval.downstream`` (a :class:`~megaspan.config.schema.DownstreamConfig`) against the
+    harness: installed, ``include_path`` a directory, every task known. One-line
+    :class:`ConfigError` otherwise; returns the task manager (None when no tasks are set). Run
+    before anything is written (``megaspan train`` and the hook's construction)."""
+    if not downstream.tasks:
+        return None
+    _require_lm_eval("eval.downstream.tasks")
+    manager = _task_manager(downstream.include_path, "eval.downstream.include_path=")
+    check_tasks(
+        list(downstream.tasks),
+        manager,
+        "set eval.downstream.include_path=DIR to a directory of your own task YAMLs",
+        "eval.downstream.tasks: ",
+    )
+    return manager
 
 
 def evaluate_tasks(
@@ -197,10 +241,19 @@ def evaluate_tasks(
     *,
     include_path: str | None = None,
     limit: int | float | None = None,
+    num_fewshot: int | None = None,
     seed: int = 1234,
-) -> dict[str, Any]:
+    bootstrap_iters: int = 100000,
+) -> dict[str, Any] | None:
     """Run lm-eval's ``simple_evaluate`` on ``lm``; returns ``{"results": {task: {metric: value}},
-    "n_samples": ..., "versions": ...}`` (the JSON-safe part of the harness's output)."""
+    "n_samples": ..., "versions": ...}`` (the JSON-safe part of the harness's output).
+
+    The harness returns its results only in the process whose ``LOCAL_RANK`` is 0 (or unset);
+    elsewhere this returns None (the in-loop hook broadcasts rank 0's). It seeds Python's,
+    numpy's and torch's global generators with ``seed``: a caller that trains on afterwards
+    restores them (the hook does). ``bootstrap_iters``: the harness's resampling for the standard
+    errors (for perplexity, F1, BLEU...: a process pool of every core); 0 skips them (they read
+    "N/A"; the scores are the same)."""
     _require_lm_eval()
     import lm_eval
 
@@ -211,24 +264,37 @@ def evaluate_tasks(
         tasks=tasks,
         task_manager=manager,
         limit=limit,
+        num_fewshot=num_fewshot,
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
         log_samples=False,
     )
+    if out is None:
+        return None
     keep = ("results", "n-samples", "versions", "n-shot", "higher_is_better")
     return json.loads(json.dumps({k: out[k] for k in keep if k in out}, default=str))
 
 
-def headline(results: dict[str, Any]) -> dict[str, float]:
-    """One ``task/metric`` -> value per numeric metric (stderr and aliases left out)."""
-    flat = {}
-    for task, metrics in results.get("results", {}).items():
+def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of every numeric metric (stderr and aliases left out). lm-eval
+    names a metric ``name,filter``; the default filter ``none`` is dropped (``acc,none`` ->
+    ``acc``), another is kept (``exact_match,strict-match``)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in (results or {}).get("results", {}).items():
         for key, value in metrics.items():
-            if isinstance(value, int | float) and "stderr" not in key:
-                flat[f"{task}/{key.split(',')[0]}"] = float(value)
-    return flat
+            if isinstance(value, bool) or not isinstance(value, int | float) or "stderr" in key:
+                continue
+            name, _, filt = key.partition(",")
+            out.setdefault(task, {})[name if filt in ("", "none") else key] = float(value)
+    return out
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """One ``task/metric`` -> value per numeric metric (see :func:`task_scores`)."""
+    return {f"{task}/{m}": v for task, metrics in task_scores(results).items() for m, v in metrics.items()}
 
 
 def record_in_run_dir(run_dir: Path, checkpoint: Path, step: int, results: dict[str, Any]) -> Path:

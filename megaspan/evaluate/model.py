@@ -139,6 +139,16 @@ class LoadedModel:
         out = self.model(tokens, positions, None)
         return out.float()
 
+    @torch.no_grad()
+    def target_scores(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(targets[b, j] | tokens[b, :j + 1]), target is the greedy choice) per position of
+        a ``[b, s]`` batch, on the CPU: :func:`megaspan.evaluate.scoring.target_scores` of
+        :meth:`logits` (the in-loop hook computes the same from the live model's vocab shards)."""
+        from megaspan.evaluate.scoring import target_scores
+
+        logprobs, greedy = target_scores(self.logits(tokens), targets)
+        return logprobs.cpu(), greedy.cpu()
+
 
 def _recorded_tokenizer(cfg, checkpoint: Path) -> str | None:
     """The tokenizer file the run used: the checkpoint's config names it when the user set one;

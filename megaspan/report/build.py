@@ -19,6 +19,7 @@ from megaspan.report.collect import (
     last_diagnostics,
     last_layer_cosine,
 )
+from megaspan.report.downstream import downstream_table
 from megaspan.report.tables import Table, cells_table, fmt_lr, guard_events_table, stability_table
 
 FORMATS = ("md", "html")
@@ -181,6 +182,19 @@ def build_report(
                 )
             )
             blocks.append(("table", ranking))
+    scores = downstream_table(runs)
+    if scores[1]:
+        blocks.append(("h2", "Downstream tasks vs placement and depth"))
+        blocks.append(
+            (
+                "p",
+                "Final in-loop lm-eval scores (eval.downstream; each run's last scored step): the mean "
+                "over the finished, not diverged seeds with its 95% t interval"
+                + (", at each (placement, depth)'s best LR" if lr_axis else "")
+                + ". Seeds: how many runs of the row recorded scores.",
+            )
+        )
+        blocks.append(("table", scores))
     blocks.append(("h2", "Claims"))
     blocks.append(
         (

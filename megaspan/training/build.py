@@ -31,6 +31,7 @@ from megaspan.config.loader import config_to_dict, norm_options
 from megaspan.config.schema import MegaspanConfig
 from megaspan.errors import CheckpointError, ConfigError, RunDirError, UserError
 from megaspan.training.callbacks.checkpointing import CheckpointHook
+from megaspan.training.callbacks.downstream import DownstreamHook
 from megaspan.training.callbacks.evaluation import EvalHook
 from megaspan.training.callbacks.guard import GuardHook
 from megaspan.training.callbacks.metrics_log import LogHook
@@ -320,8 +321,10 @@ def default_hooks(cfg: MegaspanConfig, preempt: PreemptionFlag | None) -> list[H
     hooks += [
         LogHook(cfg.logging.log_interval, cfg.training.steps),
         EvalHook(cfg.training.eval_interval),
-        CheckpointHook(cfg.checkpoint.save_interval, cfg.checkpoint.save_at_end),
     ]
+    if cfg.eval.downstream.tasks:
+        hooks.append(DownstreamHook(cfg.eval.downstream))  # checks the task names (one line, exit 2)
+    hooks.append(CheckpointHook(cfg.checkpoint.save_interval, cfg.checkpoint.save_at_end))
     if preempt is not None:
         hooks.append(PreemptionHook(preempt, run_dir(cfg)))
     hooks.append(SummaryHook(run_dir(cfg), cfg.training.guard))

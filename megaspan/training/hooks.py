@@ -6,7 +6,7 @@ interval and state. A new periodic concern is one ``Hook`` subclass in one file,
 ``build_trainer(cfg, hooks=[...])``; nothing in the loop changes.
 
 Order: hooks run in list order; the built-in ones first (guard, logging, evaluation,
-checkpointing, preemption, summary), then the caller's. Every method is collective-safe only if
+downstream evaluation, checkpointing, preemption, summary), then the caller's. Every method is collective-safe only if
 it does the same collectives on every rank: a hook that evaluates or saves must run on all ranks
 (it does: hooks are constructed on every rank; rank-0-only output is the logger's business).
 """

@@ -119,7 +119,8 @@ class Trainer:
 
     Public state hooks may read: ``cfg``, ``objs`` (model, optimizer, scheduler), ``progress``,
     ``log``, ``position``, ``val_losses`` (``[(step, loss)]``, appended by the evaluation hook),
-    ``events`` (guard events), ``diagnostics`` (mechanism metrics for the summary), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
+    ``events`` (guard events), ``diagnostics`` (mechanism metrics for the summary), ``downstream``
+    (in-loop lm-eval scores by step), ``stop`` (a :class:`StopRequest` once someone asked to stop), ``pending`` (this step's lazy
     loss, during ``before_optimizer_step``).
     """
 
@@ -165,6 +166,8 @@ class Trainer:
         self.named_val_losses: dict[str, list[tuple[int, float]]] = {}
         self.events: list[dict] = []  # guard events: {"step", "kind", "reason", "action"}
         self.diagnostics: dict = {}  # summary.json's "diagnostics" (the diagnostics hook fills it)
+        # summary.json's "downstream": {step: {task: {metric: value}}} (the downstream hook fills it)
+        self.downstream: dict[int, dict[str, dict[str, float]]] = {}
         self.resolved: dict = {}  # the resolved config, tokenizer hash, world, versions (build_trainer)
         self.pending: StepResult | None = None
         self._skip_reason: str | None = None

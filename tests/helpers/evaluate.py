@@ -1,8 +1,10 @@
 """Tiny checkpoints for the judging tests (generate, eval, export), saved in-process through
-megaspan's own checkpoint code with the config and tokenizer hash a real run records."""
+megaspan's own checkpoint code with the config and tokenizer hash a real run records; and the
+offline lm-eval tasks (local JSON, no network) of the eval and downstream-hook tests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.helpers.models import tiny_overrides
@@ -46,3 +48,63 @@ def save_tiny(
     chunk = objs.chunks[0]
     chunk.eval()
     return chunk, path, cfg
+
+
+QUESTIONS = [
+    ("The capital of France is", [" Paris", " London", " a dog"], 0),
+    ("def main():\n   ", [" return 0", " pass", "print(x)"], 1),
+    ("for i in", [" range(10):", " the garden", " 42"], 0),
+    ("", [" hello", " world"], 1),  # empty context: scored after the prefix token alone
+]
+TEXT = (
+    "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
+    "        print(name, os.path.getsize(os.path.join(argv[1], name)))\n    return 0\n\n\n"
+    "if __name__ == '__main__':\n    sys.exit(main(sys.argv))\n"
+) * 3
+
+
+def write_tasks(tmp_path: Path, text: str) -> Path:
+    """Two lm-eval task YAMLs over local JSON files under ``tmp_path`` (offline): multiple choice
+    ``megaspan_test_mc`` over :data:`QUESTIONS` and perplexity ``megaspan_test_ppl`` over ``text``;
+    returns the directory to pass as the include path."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "mc.jsonl", "w") as f:
+        for question, choices, answer in QUESTIONS:
+            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
+    (data / "ppl.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(
+        f"""task: megaspan_test_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+    )
+    (tasks / "ppl.yaml").write_text(
+        f"""task: megaspan_test_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data / "ppl.jsonl"}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+    )
+    return tasks

@@ -1,11 +1,11 @@
 """``megaspan eval``: the lm-evaluation-harness adapter scores exactly what the model computes.
 
-Offline: the tasks are YAMLs written here over local JSON files (``dataset_path: json``). The
-references are computed without the adapter: log-likelihoods from the saved model's own logits,
-and the rolling log-likelihood against megaspan's training loss path (``forward_step`` +
-``loss_func``, what validation runs) over the same tokens cut into the same GPTDataset-style
-samples. A wrong prefix token, a shifted continuation, a padding leak across a batch or a wrong
-window each breaks one of them.
+Offline: the tasks are YAMLs over local JSON files (``dataset_path: json``, written by
+``tests.helpers.evaluate.write_tasks``). The references are computed without the adapter:
+log-likelihoods from the saved model's own logits, and the rolling log-likelihood against
+megaspan's training loss path (``forward_step`` + ``loss_func``, what validation runs) over the
+same tokens cut into the same GPTDataset-style samples. A wrong prefix token, a shifted
+continuation, a padding leak across a batch or a wrong window each breaks one of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,66 +23,11 @@ pytest.importorskip("lm_eval")
 from megaspan.evaluate.harness import MegaspanLM, evaluate_tasks  # noqa: E402
 from megaspan.evaluate.model import load_model  # noqa: E402
 from tests.helpers.cli import clean_env  # noqa: E402
-from tests.helpers.evaluate import save_tiny  # noqa: E402
+from tests.helpers.evaluate import QUESTIONS, TEXT, save_tiny, write_tasks  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 SEQ = 32
-QUESTIONS = [
-    ("The capital of France is", [" Paris", " London", " a dog"], 0),
-    ("def main():\n   ", [" return 0", " pass", "print(x)"], 1),
-    ("for i in", [" range(10):", " the garden", " 42"], 0),
-    ("", [" hello", " world"], 1),  # empty context: scored after the prefix token alone
-]
-TEXT = (
-    "import os\nimport sys\n\n\ndef main(argv):\n    for name in sorted(os.listdir(argv[1])):\n"
-    "        print(name, os.path.getsize(os.path.join(argv[1], name)))\n    return 0\n\n\n"
-    "if __name__ == '__main__':\n    sys.exit(main(sys.argv))\n"
-) * 3
-
-
-def _tasks(tmp_path: Path, text: str) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    with open(data / "mc.jsonl", "w") as f:
-        for question, choices, answer in QUESTIONS:
-            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
-    (data / "ppl.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "mc.yaml").write_text(
-        f"""task: megaspan_test_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data / "mc.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
-    )
-    (tasks / "ppl.yaml").write_text(
-        f"""task: megaspan_test_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data / "ppl.jsonl"}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
-    )
-    return tasks
 
 
 @pytest.fixture
@@ -175,7 +119,7 @@ def test_local_tasks_through_simple_evaluate(mcore, tiny_corpus, tmp_path, offli
     tokenizer, _ = tiny_corpus
     chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, seq_length=SEQ)
     text, ids = _text_of_whole_windows(tokenizer)
-    tasks = _tasks(tmp_path, text)
+    tasks = write_tasks(tmp_path, text)
     lm = MegaspanLM(load_model(path), batch_size=4)
     out = evaluate_tasks(lm, ["megaspan_test_mc", "megaspan_test_ppl"], include_path=str(tasks))
     # Accuracy: the choice with the highest direct log-likelihood, per question.
@@ -208,7 +152,7 @@ def test_cli_writes_json_and_the_run_summary_and_refuses_unknown_tasks(mcore, ti
     (run / "config.yaml").write_text("{}\n")  # what makes the parent a run dir
     (run / "summary.json").write_text(json.dumps({"status": "completed"}))
     text, _ = _text_of_whole_windows(tokenizer)
-    tasks = _tasks(tmp_path, text)
+    tasks = write_tasks(tmp_path, text)
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     out = tmp_path / "scores.json"
     ok = _cli(

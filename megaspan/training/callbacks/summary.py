@@ -6,13 +6,17 @@ and on an error. Schema (one object)::
      "final_val_loss": float|null, "best_val_loss": float|null, "loss_spikes": int,
      "initial_val_loss": float|null, "guard_events": [{"step", "kind", "reason", "action"}],
      "diagnostics": {...}|null, "config": {...}, "versions": {...},
-     "data": {"train": [prefix, ...], "valid": [...]}}
+     "data": {"train": [prefix, ...], "valid": [...]},
+     "downstream": {"<step>": {"<task>": {"<metric>": float}}}}  # only with eval.downstream.tasks
 
 ``diagnostics``: the mechanism metrics of :class:`megaspan.training.diagnostics.DiagnosticsHook`
 (null without ``logging.diagnostics_interval``). ``initial_val_loss`` is the validation loss at
 step 0, before any update (the loss at initialisation that LR sensitivity caps a diverged run
 at); ``data`` names the .bin/.idx prefixes the run read, so a report can compute the training
-data's unigram entropy.
+data's unigram entropy. ``downstream``: the in-loop lm-eval scores
+(:class:`megaspan.training.callbacks.downstream.DownstreamHook`) by step (a JSON string key),
+task and metric (``acc``, ``acc_norm``, ``bits_per_byte``...; a metric of a filter other than
+lm-eval's ``none`` keeps its ``,filter`` suffix); the last step is the run's final score.
 
 ``final_train_loss`` is the mean of the last ``window`` step losses (steps whose update was
 dropped left out); ``loss_spikes`` counts steps
@@ -145,6 +149,17 @@ class SummaryHook(Hook):
         }
         if named or "valid_sets" in self.previous:
             summary["valid_sets"] = {**self.previous.get("valid_sets", {}), **named}
+        downstream = {
+            **(self.previous.get("downstream") or {}),
+            **{
+                str(step): {
+                    task: {m: _finite(v) for m, v in metrics.items()} for task, metrics in scores.items()
+                }
+                for step, scores in getattr(trainer, "downstream", {}).items()
+            },
+        }
+        if downstream:
+            summary["downstream"] = dict(sorted(downstream.items(), key=lambda kv: int(kv[0])))
         if "eval" in self.previous:  # megaspan eval's scores of this run's checkpoints
             summary["eval"] = self.previous["eval"]
         if not dist.is_initialized() or dist.get_rank() == 0:

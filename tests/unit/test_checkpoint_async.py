@@ -30,33 +30,18 @@ from megaspan.training.build import build_trainer
 from megaspan.training.checkpoint import (
     LATEST_FILE,
     PendingSave,
-    Progress,
     checkpoint_name,
     finish_save,
     is_valid,
     load_checkpoint,
     read_meta,
-    save_checkpoint,
     save_done,
 )
 from megaspan.training.checkpoint import save as ck_save
 from megaspan.training.hooks import Hook
 from tests.distributed import layout_workers as lw
 from tests.helpers.models import one_optimizer_step, tiny_overrides
-from tests.unit.test_checkpoint_integrity import _objs, _one_line
-
-
-def _save(objs, ckpt_dir, step: int, *, background: bool, keep_last=None):
-    return save_checkpoint(
-        ckpt_dir,
-        Progress(step, step * 4),
-        objs.chunks,
-        objs.optimizer,
-        objs.scheduler,
-        {},
-        keep_last,
-        background=background,
-    )
+from tests.unit.test_checkpoint_integrity import _objs, _one_line, _save
 
 
 def _params(objs) -> dict[str, torch.Tensor]:

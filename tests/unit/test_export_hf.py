@@ -194,25 +194,33 @@ def test_llama_format_refuses_moe_in_one_line(mcore, tiny_corpus, tmp_path):
     assert not out.exists()
 
 
-def test_pre_exports_as_stock_llama(mcore, tiny_corpus, tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def _check_stock(folder, cls, chunk, tokenizer, label: str) -> None:
+    """A stock-format export loads as ``cls`` with every weight used, and its fp32 logits equal
+    the megaspan chunk's."""
+    from transformers import AutoModelForCausalLM
 
-    tokenizer, _ = tiny_corpus
-    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre")
-    folder = export_hf(str(path), str(tmp_path / "llama"), fmt="llama")
-    assert not (folder / "modeling_megaspan.py").exists()
     model, info = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, output_loading_info=True
     )
-    assert isinstance(model, LlamaForCausalLM)
+    assert isinstance(model, cls)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = torch.tensor([[tokenizer.eod, *tokenizer.tokenize(TEXT)]])
     with torch.no_grad():
         want = chunk(ids, torch.arange(ids.shape[1]).unsqueeze(0), None).float()
         got = model.eval()(input_ids=ids).logits
     diff = (got - want).abs().max().item()
-    print(f"pre as Llama: max |HF - megaspan| logit = {diff:.3e}")
+    print(f"{label}: max |HF - megaspan| logit = {diff:.3e}")
     assert diff < TOL, diff
+
+
+def test_pre_exports_as_stock_llama(mcore, tiny_corpus, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    tokenizer, _ = tiny_corpus
+    chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre")
+    folder = export_hf(str(path), str(tmp_path / "llama"), fmt="llama")
+    assert not (folder / "modeling_megaspan.py").exists()
+    _check_stock(folder, LlamaForCausalLM, chunk, tokenizer, "pre as Llama")
     with pytest.raises(ConfigError, match="no stock Llama equivalent.*norm_placement=post"):
         _, other, _ = save_tiny(tmp_path / "post", tokenizer, "post")
         export_hf(str(other), str(tmp_path / "post-llama"), fmt="llama")
@@ -222,24 +230,13 @@ def test_pre_exports_as_stock_llama(mcore, tiny_corpus, tmp_path):
 
 
 def test_pre_moe_exports_as_stock_mixtral(mcore, tiny_corpus, tmp_path):
-    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
     tokenizer, _ = tiny_corpus
     chunk, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre", moe=True)
     folder = export_hf(str(path), str(tmp_path / "mixtral"), fmt="mixtral")
     assert not (folder / "modeling_megaspan.py").exists()
-    model, info = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, output_loading_info=True
-    )
-    assert isinstance(model, MixtralForCausalLM)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids = torch.tensor([[tokenizer.eod, *tokenizer.tokenize(TEXT)]])
-    with torch.no_grad():
-        want = chunk(ids, torch.arange(ids.shape[1]).unsqueeze(0), None).float()
-        got = model.eval()(input_ids=ids).logits
-    diff = (got - want).abs().max().item()
-    print(f"pre MoE as Mixtral: max |HF - megaspan| logit = {diff:.3e}")
-    assert diff < TOL, diff
+    _check_stock(folder, MixtralForCausalLM, chunk, tokenizer, "pre MoE as Mixtral")
     with pytest.raises(ConfigError, match="no stock Mixtral equivalent.*dense blocks"):
         _, other, _ = save_tiny(
             tmp_path / "mixed", tokenizer, "pre", moe=True, extra=("model.moe.layer_freq=2",)

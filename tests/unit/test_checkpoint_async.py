@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 
 import psutil
@@ -53,17 +54,30 @@ def _wait(pending: PendingSave) -> None:
     assert save_done(pending)
 
 
-def test_background_save_commits_the_state_at_the_save_not_later_updates(mcore, tmp_path):
+def test_background_save_commits_the_state_at_the_save_not_later_updates(monkeypatch, mcore, tmp_path):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    # Hold torch's writer until training has moved on (fault injection on the test side): the
+    # thread then writes after the live tensors changed, whatever the machine's speed.
+    gate, real = threading.Event(), FileSystemWriter.write_data
+
+    def held(self, *args, **kwargs):
+        assert gate.wait(120)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held)
     objs = _objs()
     one_optimizer_step(objs)
     at_save = _params(objs)
     pending = _save(objs, tmp_path, 1, background=True)
     assert isinstance(pending, PendingSave) and pending.blocked_s > 0
-    # Train on while the thread writes: the live tensors change under it.
+    assert not pending.written.done()
+    # Train on while the thread waits to write: the live tensors change under it.
     for _ in range(2):
         one_optimizer_step(objs)
     moved = _params(objs)
     assert any(not torch.equal(moved[n], at_save[n]) for n in at_save)
+    gate.set()
     _wait(pending)
     path = finish_save(pending)
     assert path == tmp_path / checkpoint_name(1) and is_valid(path, verify=True)

@@ -122,7 +122,7 @@ echo "tools/mutate.sh: baseline (the unmutated tests must pass): $tests"
 # Progress: cosmic-ray exec is silent, so report the finished count every minute.
 (
     while sleep 60; do
-        done_n=$("$ROOT/.mutate-venv/bin/cr-report" "$out/session.sqlite" 2>/dev/null | grep -c '^\[job-id\]' || true)
+        done_n=$("$ROOT/.mutate-venv/bin/cr-report" "$out/session.sqlite" 2>/dev/null | grep -c '^worker outcome: WorkerOutcome.NORMAL\|^worker outcome: WorkerOutcome.EXCEPTION\|^worker outcome: WorkerOutcome.ABNORMAL' || true)
         echo "tools/mutate.sh: $done_n/$total mutants tested"
     done
 ) &

@@ -96,6 +96,7 @@ RANGES: dict[str, Range] = {
     "model.num_query_groups": SIZE,
     "model.ffn_hidden_size": SIZE,
     "model.vocab_size": SIZE,
+    "model.make_vocab_size_divisible_by": _at_least(1, "typical: 128"),
     "model.seq_length": SIZE,
     "model.max_position_embeddings": SIZE,
     "model.rotary_base": _at_least(1, "the usual RoPE base is 10000"),

@@ -41,8 +41,10 @@ from megaspan.training.checkpoint import (
 from megaspan.training.checkpoint import save as ck_save
 from megaspan.training.hooks import Hook
 from tests.distributed import layout_workers as lw
+from tests.helpers.checkpoints import objs as _objs
+from tests.helpers.checkpoints import one_line as _one_line
+from tests.helpers.checkpoints import save as _save
 from tests.helpers.models import one_optimizer_step, tiny_overrides
-from tests.unit.test_checkpoint_integrity import _objs, _one_line, _save
 
 
 def _params(objs) -> dict[str, torch.Tensor]:
@@ -302,3 +304,24 @@ def test_async_save_is_a_config_key(single_process_group):
 
     assert load_config(None, tiny_overrides(extra=("checkpoint.async_save=true",))).checkpoint.async_save
     assert not load_config(None, tiny_overrides()).checkpoint.async_save
+
+
+@pytest.mark.integration
+def test_megaspan_train_with_async_save_commits_and_exits(tmp_path):
+    """The CLI joins every non-daemon thread before it exits: a background save's thread must end
+    with its job (an idle executor thread hung the exit for good)."""
+    from tests.helpers.cli import train
+
+    run = tmp_path / "run"
+    result = train(
+        run,
+        "training.steps=4",
+        "schedule.warmup_steps=1",
+        "checkpoint.save_interval=2",
+        "checkpoint.async_save=true",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "writing in the background" in result.stdout
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [checkpoint_name(2), checkpoint_name(4)]
+    assert all(is_valid(ckpts / checkpoint_name(s), verify=True) for s in (2, 4))

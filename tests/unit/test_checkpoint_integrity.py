@@ -23,38 +23,20 @@ from megaspan.errors import CheckpointError, RunDirError, UserError
 from megaspan.training.checkpoint import (
     META_FILE,
     NonFiniteModelError,
-    Progress,
     check_checkpoint,
     checkpoint_name,
     find_latest_valid,
     is_valid,
     load_checkpoint,
     remove_stale_tmp,
-    save_checkpoint,
 )
 from megaspan.training.checkpoint import save as ck_save
+from tests.helpers.checkpoints import objs as _objs
+from tests.helpers.checkpoints import one_line as _one_line
+from tests.helpers.checkpoints import save as _save
 from tests.helpers.models import one_optimizer_step, tiny_overrides
 
 VOCAB = 128
-
-
-def _objs(*extra: str):
-    from megaspan.config.loader import load_config
-    from megaspan.training.setup import build_training_objects
-
-    return build_training_objects(load_config(None, tiny_overrides(extra=extra)), VOCAB)
-
-
-def _save(objs, ckpt_dir: Path, step: int, keep_last: int | None = None, **kw) -> Path:
-    return save_checkpoint(
-        ckpt_dir, Progress(step, step * 4), objs.chunks, objs.optimizer, objs.scheduler, {}, keep_last, **kw
-    )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert "\n" not in text and len(text) < 600, text
-    return text
 
 
 def _shard(path: Path) -> Path:

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,10 @@ class _Background:
     write: Future | None = None
 
 
-_GROUP: list = []  # [(the default process group it was made under, the gloo group)]
+_GROUP: list = []
+"""[(weakref to the default process group it was made under, weakref to the gloo group)]: weak,
+so that destroying the process groups frees the gloo group's threads (a strong reference here
+kept them alive, caught by test_runtime_contract)."""
 
 
 def _background_group():
@@ -177,10 +181,12 @@ def _background_group():
     if not dist.is_initialized():
         return None
     world = dist.GroupMember.WORLD
-    if not _GROUP or _GROUP[0][0] is not world or not _alive(_GROUP[0][1]):
+    group = _GROUP[0][1]() if _GROUP else None
+    if group is None or _GROUP[0][0]() is not world or not _alive(group):
         # first use, a new default group, or ours destroyed (megaspan.runtime.destroy, a re-init)
-        _GROUP[:] = [(world, dist.new_group(backend="gloo"))]
-    return _GROUP[0][1]
+        group = dist.new_group(backend="gloo")
+        _GROUP[:] = [(weakref.ref(world), weakref.ref(group))]
+    return group
 
 
 def _alive(group) -> bool:
@@ -412,7 +418,9 @@ def save_checkpoint(
         # DCP reports a write failure of any rank on every rank, so all ranks get here together.
         _write_shards(state, tmp) if bg is None else _write_shards(state, tmp, bg)
         if bg is not None:
-            pending.written = _pool().submit(_written, bg.write, tmp, bg.group)
+            pool = _pool()
+            pending.written = pool.submit(_written, bg.write, tmp, bg.group)
+            pool.shutdown(wait=False)  # the submitted job still runs; then the thread ends
             pending.blocked_s = time.perf_counter() - t0
             return pending
     except (Exception, _DcpException) as exc:
@@ -425,16 +433,13 @@ def save_checkpoint(
     return path
 
 
-_POOL: list[ThreadPoolExecutor] = []
-
-
 def _pool() -> ThreadPoolExecutor:
-    """One worker thread for the post-write work of background saves (they run one at a time:
-    the trainer finishes a save before it starts the next). Not a daemon: a process that ends
-    while a write is under way waits for the write to end rather than dying inside a torch op."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="megaspan-ckpt"))
-    return _POOL[0]
+    """A one-worker executor for one background save's post-write work, shut down at once: its
+    thread ends when that job does. Not a daemon: a process that ends while a write is under way
+    waits for it rather than dying inside a torch op. (A long-lived idle executor thread would
+    hang ``megaspan train``'s exit, which joins every non-daemon thread.)"""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megaspan-ckpt")
+    return pool
 
 
 def save_done(pending: PendingSave) -> bool:

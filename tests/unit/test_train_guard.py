@@ -46,6 +46,7 @@ class Poison(Hook):
         self.factor = 1.0
         self.params: dict[int, torch.Tensor] = {}
         self.results = {}
+        self.lrs: list[tuple[int, float]] = []
 
     def arm(self, trainer) -> None:
         next_batch = trainer.progress.consumed_samples // lw.GLOBAL_BATCH + 1
@@ -56,6 +57,7 @@ class Poison(Hook):
 
     def on_step_end(self, trainer, result) -> None:
         self.results[result.step] = result
+        self.lrs.append((result.step, result.lr))  # every step, a redone one too
         self.params[result.step] = next(trainer.objs.chunks[0].parameters()).detach().clone()
         self.arm(trainer)
 
@@ -185,6 +187,7 @@ def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(
         "training.guard.policy=rollback",
         "checkpoint.save_interval=2",
         "training.guard.rollback_lr_factor=0.5",
+        "schedule.decay_steps=20",  # step 5 is mid-decay: its LR depends on max_lr, min_lr and the step
     )
     assert code == 0 and summary["status"] == "completed" and trainer.progress.step == STEPS
     [event] = summary["guard_events"]
@@ -203,6 +206,12 @@ def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(
     assert not set(after) & set(range(4 * gb, 5 * gb))
     assert trainer.progress.consumed_samples == (STEPS + 1) * gb  # one window skipped
     assert trainer.objs.scheduler.max_lr == pytest.approx(0.5 * 3.0e-3)
+    # The LR the redone step 5 really trained at is half the bad step 5's (the LR is affine in
+    # max_lr and min_lr): Megatron reads them from the optimizer's param groups, and the reload
+    # must put the scheduler back at step 4, not 4 steps past where it was.
+    (bad, redone) = [lr for step, lr in poison.lrs if step == 5]
+    assert redone == pytest.approx(0.5 * bad) and bad > 3.0e-4
+    assert trainer.objs.scheduler.num_steps == STEPS
 
 
 def test_rollback_retries_are_bounded(single_process_group, tmp_path, poison):

@@ -310,6 +310,10 @@ def load_checkpoint(
     now = hyperparameters(optimizer, scheduler)
     # The config decides the schedule: the checkpoint restores only the step count.
     scheduler.override_opt_param_scheduler = True
+    # Megatron's load_state_dict *adds* the saved step count (self.step(increment=num_steps)): a
+    # scheduler that has already stepped (the guard's rollback loads into the live one) must
+    # start from 0, or the schedule jumps ahead by the steps it had taken.
+    scheduler.num_steps = 0
     scheduler.load_state_dict(state["scheduler"])
     if with_rng:
         set_rng_state(state["rng_state"])

@@ -177,6 +177,24 @@ def test_skip_on_a_loss_spike(single_process_group, tmp_path, poison):
     assert torch.equal(poison.params[6], poison.params[5])
 
 
+def test_stop_on_a_finite_loss_spike_saves_nothing(single_process_group, tmp_path, poison):
+    """A spike is finite, so the non-finite floor would not refuse a save: the guard's stop must
+    itself ask for none (the model after a spike is not one to resume from). _run saves at the end."""
+    poison.factors = {6: 10.0}
+    trainer, code, summary, _ = _run(
+        tmp_path,
+        poison,
+        "training.guard.policy=stop",
+        "training.guard.window=3",
+        "training.guard.warmup_steps=2",
+        "training.guard.spike_factor=2.0",
+    )
+    assert code == EXIT_DIVERGED and summary["status"] == "diverged" and trainer.progress.step == 6
+    [event] = summary["guard_events"]
+    assert (event["step"], event["kind"], event["action"]) == (6, "loss_spike", "stop")
+    assert not list((tmp_path / "run").glob("step_*"))
+
+
 def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(
     single_process_group, tmp_path, poison
 ):

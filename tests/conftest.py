@@ -176,3 +176,18 @@ def small_tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Every test leaves SIGINT/SIGTERM/SIGUSR1 as it found them. An in-process training run with
+    a PreemptionFlag ends with ``finish()`` (SIGTERM/USR1 ignored, its SIGINT handler kept), and a
+    later in-process test that relies on Ctrl-C raising KeyboardInterrupt then silently passes
+    through it (test_sweep_stages' Ctrl-C test failed so)."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for signum, handler in saved.items():
+        if signal.getsignal(signum) is not handler and handler is not None:
+            signal.signal(signum, handler)

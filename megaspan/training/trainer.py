@@ -328,10 +328,9 @@ class Trainer:
             return None
         self.saving = None  # a failed write is not retried: its error goes up from here
         path = finish_save(pending)
-        self.log.scalars({"checkpoint/write_s": time.perf_counter() - pending.started}, pending.step)
-        self.log.info(
-            f"saved checkpoint {path} (written in the background in {time.perf_counter() - pending.started:.1f} s)"
-        )
+        write_s = time.perf_counter() - pending.started
+        self.log.scalars({"checkpoint/write_s": write_s}, pending.step)
+        self.log.info(f"saved checkpoint {path} (written in the background in {write_s:.1f} s)")
         return path
 
     def load(

@@ -89,9 +89,9 @@ def _save_strategy(background: _Background | None = None):
     """The torch_dist strategy :func:`_sync_save_strategy` describes; with ``background``, the
     shards are written by torch DCP's ``async_save`` instead (``checkpoint.async_save``).
 
-    ``async_save`` copies every tensor to CPU memory in the calling thread (the snapshot: the
-    next optimizer step may change the live tensors at once) and writes the copies from a
-    *thread* of this process over ``background.group``, a gloo group of its own: a thread dies
+    :func:`_snapshot` first copies every tensor to CPU memory in the calling thread (the snapshot:
+    the next optimizer step may change the live tensors at once); ``async_save`` then writes the
+    copies from a *thread* of this process over ``background.group``, a gloo group of its own: a thread dies
     with its process (no orphan writer after ``kill -9``, unlike MCore's forked writers), and a
     group of its own keeps its collectives (DCP's plan and finish) out of the order of the
     training loop's collectives on the other groups. The future lands in ``background.write``.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -330,6 +331,12 @@ def run_local(
     pool = _Workers(jobs, env, python, runs_dir, worker_entry) if in_process else _Subprocesses(jobs, env)
     walls: list[float] = []
     interrupted = False
+    # SIGINT inherited as ignored (a sweep started with `&` from a script, or by a CI runner that
+    # does): Ctrl-C / `kill -INT` still stops the sweep, as it stops `megaspan train` (see
+    # megaspan.training.signals). The cells' processes get the default disposition back at exec.
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while start_queue or pool.busy():
             while start_queue and pool.free():
@@ -360,6 +367,8 @@ def run_local(
     finally:
         if isinstance(pool, _Workers):
             pool.close()
+        if inherited is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     ordered = [results[i] for i in sorted(results)]
     counts: dict[str, int] = {}

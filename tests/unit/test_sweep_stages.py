@@ -267,9 +267,19 @@ def test_ctrl_c_ends_the_workers_and_resume_finishes(tmp_path, fake_entry):
     # its stdin for the next cell, so the runner must close it before waiting (it hung before).
     import signal
 
-    # The runner relies on Ctrl-C raising KeyboardInterrupt in this process: name a handler an
-    # earlier in-process test left behind instead of failing on the exit code below.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
+    # Also when SIGINT was inherited ignored (pytest started with `&` from a script: the full
+    # suite failed here that way): the runner makes Ctrl-C stop the sweep anyway, and puts the
+    # inherited disposition back when it returns.
+    inherited = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _ctrl_c_then_resume(tmp_path, fake_entry)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _ctrl_c_then_resume(tmp_path, fake_entry):
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "interrupt").write_text("pre-L2-lr0.003-s1")

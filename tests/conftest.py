@@ -76,8 +76,26 @@ def _mark_tiers(items) -> None:
                     item.add_marker(getattr(pytest.mark, marker))
 
 
+# Tests that must share one xdist worker (tools/test.sh runs the suite on MEGASPAN_TEST_WORKERS
+# workers): tests/distributed's package-scoped process pools, and the one local Slurm cluster
+# (its 2 CPUs and the time-limit tests' timing). Every other module is a group of its own, so a
+# module-scoped fixture (a trained checkpoint, a process pool) is built once, on one worker.
+_SHARED_WORKER_DIRECTORIES = ("distributed", "slurm")
+
+
+def _group_for_xdist(config, items) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        inside = parts[parts.index("tests") + 1 : -1] if "tests" in parts else ()
+        shared = next((d for d in _SHARED_WORKER_DIRECTORIES if d in inside), None)
+        item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
+
+
 def pytest_collection_modifyitems(config, items):
     _mark_tiers(items)
+    _group_for_xdist(config, items)
     if not config.getoption("--all"):
         matrix = pytest.mark.skip(reason="full placement x layout matrix: run with --all")
         for item in items:
@@ -182,8 +200,7 @@ def small_tmpfs(tmp_path):
 def _signal_handlers_restored():
     """Every test leaves SIGINT/SIGTERM/SIGUSR1 as it found them. An in-process training run with
     a PreemptionFlag ends with ``finish()`` (SIGTERM/USR1 ignored, its SIGINT handler kept), and a
-    later in-process test that relies on Ctrl-C raising KeyboardInterrupt then silently passes
-    through it (test_sweep_stages' Ctrl-C test failed so)."""
+    later in-process test that relies on a signal's default then silently runs through it."""
     import signal
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}

@@ -12,8 +12,24 @@
 #   tools/test.sh --all [pytest args]    everything plus the full placement x layout matrix.
 #
 # Markers (pyproject.toml): integration, distributed, slurm, slow, gpu, full_matrix.
+#
+# Both tiers run on MEGASPAN_TEST_WORKERS pytest-xdist workers (default 2; 0 runs everything in
+# this process, for a debugger or -s). A module's tests stay on one worker; tests/distributed and
+# tests/slurm each keep to one worker (tests/conftest.py): while one worker runs the process-pool
+# tests, the other runs in-process and CLI tests, which mostly wait on one core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+workers=${MEGASPAN_TEST_WORKERS:-2}
+[[ $workers =~ ^[0-9]+$ ]] || { echo "tools/test.sh: MEGASPAN_TEST_WORKERS must be a number of workers (0: none), got '$workers'" >&2; exit 2; }
+xdist=()
+if ((workers > 0)); then
+    if ! .venv/bin/python -c 'import xdist' 2>/dev/null; then
+        echo "tools/test.sh: pytest-xdist is missing (the [test] extra): run tools/setup.sh, or MEGASPAN_TEST_WORKERS=0" >&2
+        exit 2
+    fi
+    xdist=(-n "$workers" --dist loadgroup)
+fi
 
 if [[ ${1:-} == --fast ]]; then
     shift
@@ -24,7 +40,7 @@ if [[ ${1:-} == --fast ]]; then
         echo "tools/test.sh: pytest-randomly is missing (the [test] extra): run tools/setup.sh" >&2
         exit 2
     fi
-    exec env PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=10 \
+    exec env PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=10 "${xdist[@]}" \
         -p randomly --randomly-seed="${MEGASPAN_TEST_SEED:-12345}" \
         -m "not (integration or distributed or slurm or slow or gpu)" "$@"
 fi
@@ -46,4 +62,4 @@ if ! command -v shellcheck >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
         || echo "tools/test.sh: could not install shellcheck" >&2
 fi
 
-PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=15 "$@"
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest -q --durations=15 "${xdist[@]}" "$@"

@@ -77,25 +77,41 @@ def _mark_tiers(items) -> None:
 
 
 # Tests that must share one xdist worker (tools/test.sh runs the suite on MEGASPAN_TEST_WORKERS
-# workers): tests/distributed's package-scoped process pools, and the one local Slurm cluster
-# (its 2 CPUs and the time-limit tests' timing). Every other module is a group of its own, so a
-# module-scoped fixture (a trained checkpoint, a process pool) is built once, on one worker.
+# workers): every test on a gloo process pool (tests/distributed's package-scoped pools, any
+# module using ``dist_pool``), and the one local Slurm cluster (its 2 CPUs; the time-limit tests'
+# timing). Two sets of pool ranks at once on 2 cores is a collapse, not a slowdown: each rank keeps
+# hundreds of gloo threads polling (see ``dist_pool``), and a first try without this rule ran at a
+# load average of 300-400. Every other module is a unit of its own, so a module-scoped fixture (a
+# trained checkpoint) is built once, on one worker.
 _SHARED_WORKER_DIRECTORIES = ("distributed", "slurm")
 
 
-def _group_for_xdist(config, items) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        parts = Path(str(item.fspath)).parts
-        inside = parts[parts.index("tests") + 1 : -1] if "tests" in parts else ()
-        shared = next((d for d in _SHARED_WORKER_DIRECTORIES if d in inside), None)
-        item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's module-scope scheduler with the shared units above. (Not ``--dist loadgroup`` with
+    ``xdist_group`` markers: pytest-xdist 3.8 under pytest 9 ignores the groups and spreads the
+    tests of one group over every worker. ``_split_scope`` is the method xdist's own loadfile and
+    loadgroup schedulers override.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config.rootpath
+    units: dict[str, str] = {}  # module path -> its unit
+
+    class SharedUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module not in units:
+                inside = Path(module).parts[1:-1]
+                unit = next((d for d in _SHARED_WORKER_DIRECTORIES if d in inside), None)
+                if unit is None and "dist_pool" in (root / module).read_text(errors="replace"):
+                    unit = "distributed"
+                units[module] = unit or module
+            return units[module]
+
+    return SharedUnits(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
     _mark_tiers(items)
-    _group_for_xdist(config, items)
     if not config.getoption("--all"):
         matrix = pytest.mark.skip(reason="full placement x layout matrix: run with --all")
         for item in items:

@@ -14,9 +14,9 @@
 # Markers (pyproject.toml): integration, distributed, slurm, slow, gpu, full_matrix.
 #
 # Both tiers run on MEGASPAN_TEST_WORKERS pytest-xdist workers (default 2; 0 runs everything in
-# this process, for a debugger or -s). A module's tests stay on one worker; tests/distributed and
-# tests/slurm each keep to one worker (tests/conftest.py): while one worker runs the process-pool
-# tests, the other runs in-process and CLI tests, which mostly wait on one core.
+# this process, for a debugger or -s). A module's tests stay on one worker; the process-pool tests
+# and tests/slurm each keep to one worker (tests/conftest.py, pytest_xdist_make_scheduler): while
+# one worker runs the pools, the other runs in-process and CLI tests, which use about one core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ if ((workers > 0)); then
         echo "tools/test.sh: pytest-xdist is missing (the [test] extra): run tools/setup.sh, or MEGASPAN_TEST_WORKERS=0" >&2
         exit 2
     fi
-    xdist=(-n "$workers" --dist loadgroup)
+    xdist=(-n "$workers" --dist loadscope)
 fi
 
 if [[ ${1:-} == --fast ]]; then

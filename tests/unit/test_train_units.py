@@ -108,3 +108,16 @@ def test_prune_keeps_newest_and_removes_abandoned_saves(tmp_path: Path) -> None:
 def test_schedule_errors_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_schedule(load_config("tiny", overrides))
+
+
+def test_overlapped_grad_reduce_gives_the_schedule_the_chunk_no_sync(mcore) -> None:
+    # Megatron's no-pipelining schedule enters config.no_sync_func() as a context manager: one
+    # model chunk must hand over that chunk's method; a list is the interleaved schedule's form
+    # (mutants of `len(no_sync) == 1` in training/setup.py that hand over a list survived).
+    from tests.helpers.checkpoints import objs
+
+    built = objs("parallel.overlap_grad_reduce=true")
+    assert len(built.model) == 1
+    assert built.config.no_sync_func == built.model[0].no_sync
+    with built.config.no_sync_func():
+        pass

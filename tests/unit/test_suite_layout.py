@@ -27,3 +27,23 @@ def test_no_test_module_imports_another_test_module():
         if name.rsplit(".", 1)[-1].startswith("test_")
     ]
     assert not offenders, "move the shared piece to tests/helpers: " + ", ".join(offenders)
+
+
+def test_a_bad_worker_count_is_one_line_and_exit_2():
+    import os
+    import subprocess
+
+    env = {**os.environ, "MEGASPAN_TEST_WORKERS": "two"}
+    result = subprocess.run(
+        [str(TESTS.parent / "tools" / "test.sh"), "--fast"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == "", result
+    assert (
+        result.stderr.count("\n") == 1
+        and "MEGASPAN_TEST_WORKERS" in result.stderr
+        and "'two'" in result.stderr
+    )

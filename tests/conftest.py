@@ -102,7 +102,8 @@ def pytest_xdist_make_scheduler(config, log):
             if module not in units:
                 inside = Path(module).parts[1:-1]
                 unit = next((d for d in _SHARED_WORKER_DIRECTORIES if d in inside), None)
-                if unit is None and "dist_pool" in (root / module).read_text(errors="replace"):
+                source = root / module
+                if unit is None and source.is_file() and "dist_pool" in source.read_text(errors="replace"):
                     unit = "distributed"
                 units[module] = unit or module
             return units[module]

@@ -405,3 +405,23 @@ def test_trains_where_needs_two_witness_runs(runs):
     one = [r for r in one if not (r.placement == "post" and r.lr == 1e-1 and r.depth == 2)]
     row = _claim(evidence.claims(one), "spannorm trains at LRs where Post-LN does not")
     assert row.verdict == "inconclusive" and "one witness run only" in row.numbers
+
+
+def test_a_layer_with_one_of_its_two_gradient_norms_still_counts() -> None:
+    # A Mamba or MLP-only layer records one of the two norms; a record with neither has none.
+    assert evidence._grad({"attn_grad_norm": 3.0, "mlp_grad_norm": 4.0}) == 5.0
+    assert evidence._grad({"mlp_grad_norm": 3.0}) == 3.0
+    assert evidence._grad({"attn_grad_norm": 4.0, "mlp_grad_norm": None}) == 4.0
+    assert evidence._grad({}) is None
+    assert evidence._grad({"attn_grad_norm": None, "mlp_grad_norm": None}) is None
+
+
+def test_a_truncated_token_index_is_named_not_a_struct_error(tmp_path: Path) -> None:
+    from megaspan.report.stats import idx_dtype
+
+    # Megatron's indexed-dataset header: magic, version <Q, dtype code <B; this one stops early.
+    (tmp_path / "corpus.idx").write_bytes(b"MMIDIDX\x00\x00" + (1).to_bytes(8, "little")[:4])
+    with pytest.raises(ValueError, match=r"corpus\.idx is not a Megatron indexed-dataset index"):
+        idx_dtype(tmp_path / "corpus")
+    (tmp_path / "corpus.idx").write_bytes(b"MMIDIDX\x00\x00" + (1).to_bytes(8, "little") + bytes([8]))
+    assert idx_dtype(tmp_path / "corpus") == "uint16"

@@ -262,17 +262,14 @@ def test_sigterm_during_a_background_write_commits_it_then_saves_the_stop(
 
     monkeypatch.setattr(ck_save, "_written", slow)
     hook = Record(at_step={2: lambda trainer: os.kill(os.getpid(), signal.SIGTERM)})
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     flag = PreemptionFlag()
     flag.install()
     try:
         trainer, code = _fit(tmp_path / "run", hook, steps=20, preempt=flag)
     finally:
-        # The trainer's end calls flag.finish(), after which restore() has nothing to restore: put
-        # pytest's handlers back by hand (a leaked SIGINT handler broke a later Ctrl-C test).
+        # The trainer's end calls flag.finish(), after which restore() has nothing to restore:
+        # the autouse fixture in tests/conftest.py puts pytest's handlers back after the test.
         flag.restore()
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
     run = tmp_path / "run"
     # SIGTERM after step 2's save started; the loop stops at step 3, with step 2 still writing.
     assert code == 0 and trainer.progress.step == 3, code

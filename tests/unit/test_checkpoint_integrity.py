@@ -36,8 +36,6 @@ from tests.helpers.checkpoints import one_line as _one_line
 from tests.helpers.checkpoints import save as _save
 from tests.helpers.models import one_optimizer_step, tiny_overrides
 
-VOCAB = 128
-
 
 def _shard(path: Path) -> Path:
     return max((p for p in path.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -30,9 +32,6 @@ def test_no_test_module_imports_another_test_module():
 
 
 def test_a_bad_worker_count_is_one_line_and_exit_2():
-    import os
-    import subprocess
-
     env = {**os.environ, "MEGASPAN_TEST_WORKERS": "two"}
     result = subprocess.run(
         [str(TESTS.parent / "tools" / "test.sh"), "--fast"],

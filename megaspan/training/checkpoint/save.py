@@ -438,8 +438,7 @@ def _pool() -> ThreadPoolExecutor:
     thread ends when that job does. Not a daemon: a process that ends while a write is under way
     waits for it rather than dying inside a torch op. (A long-lived idle executor thread would
     hang ``megaspan train``'s exit, which joins every non-daemon thread.)"""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megaspan-ckpt")
-    return pool
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="megaspan-ckpt")
 
 
 def save_done(pending: PendingSave) -> bool:

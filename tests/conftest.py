@@ -111,6 +111,21 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedUnits(config, log)
 
 
+def pytest_collection_finish(session):
+    """Import torch, Megatron-Core and the trainer, then freeze everything alive
+    (``megaspan.runtime.freeze_imports``): every full garbage collection after this (each
+    in-process run's ``runtime.destroy()``, Python's own) walks what the tests built, not the
+    ~10^6 objects of the imports and the collected test modules. Once per pytest process (each
+    xdist worker), after collection; skipped when nothing was collected (``--collect-only``,
+    an empty selection)."""
+    if not session.items or session.config.option.collectonly:
+        return
+    from megaspan.runtime import freeze_imports
+    from megaspan.training import build  # noqa: F401
+
+    freeze_imports()
+
+
 def pytest_collection_modifyitems(config, items):
     _mark_tiers(items)
     if not config.getoption("--all"):

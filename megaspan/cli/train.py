@@ -54,11 +54,14 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     from megaspan.launchers import stop_with_launchers
-    from megaspan.runtime import setup_cpu
+    from megaspan.runtime import freeze_imports, setup_cpu
     from megaspan.training.build import train
 
     if getattr(args, "exiting", False):
         stop_with_launchers()  # kill -9 of torchrun.sh / torchrun / megaspan sweep stops this run too
+        # A process of its own (not an in-process caller's): torch and Megatron are imported and
+        # nothing is built yet, so they leave the garbage collector's scans for good.
+        freeze_imports()
 
     setup_cpu()  # Megatron-Core's CUDA sites emulated on a CPU-only machine; a no-op with CUDA
     try:

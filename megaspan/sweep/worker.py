@@ -48,6 +48,7 @@ def serve(entry: str = "megaspan.cli:main") -> int:
 def _serve(entry: str) -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     main = _entry(entry)
+    frozen = False
     saved = (os.dup(1), os.dup(2))
     for line in sys.stdin:
         if not line.strip():
@@ -74,7 +75,16 @@ def _serve(entry: str) -> int:
                 sys.stderr.flush()
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
-                gc.collect()  # the finished trainer's model and optimizer, before the next is built
+                if frozen:
+                    gc.collect()  # the finished trainer's model and optimizer, before the next is built
+                else:
+                    # After the first cell torch and Megatron-Core are imported (under the CLI's
+                    # warning filters) and the cell's own objects are gone: freeze what is left,
+                    # so every later collection walks only what one cell built.
+                    from megaspan.runtime import freeze_imports
+
+                    freeze_imports()
+                    frozen = True
         proto.write(json.dumps({"index": request["index"], "rc": rc}) + "\n")
         if rc == 130:
             break  # Ctrl-C: the cell saved its checkpoint; stop taking cells

@@ -1,4 +1,5 @@
-"""The real ``megaspan`` CLI in a subprocess: ``train`` and ``plan`` runs and what tests read back.
+"""The real ``megaspan`` CLI, in a subprocess or in this process: ``train`` and ``plan`` runs and
+what tests read back.
 
 Shared by the e2e, run-dir, hybrid and plan tests (test modules import from here, never from one
 another).
@@ -62,8 +63,15 @@ def long_torchrun(run_dir: Path, save_interval: int) -> tuple[list[str], dict[st
     return command, env
 
 
-def train(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
-    """``megaspan train --config tiny training.run_dir=RUN_DIR OVERRIDES...``."""
+def train(
+    run_dir: Path, *overrides: str, fresh_process: bool = False, **env: str
+) -> subprocess.CompletedProcess:
+    """``megaspan train --config tiny training.run_dir=RUN_DIR OVERRIDES...``, run by
+    :func:`in_process` unless ``fresh_process`` (a test about what a new interpreter does: a
+    resume that must not lean on anything the first run left in memory, exit-time behaviour) or
+    ``env`` (read at import time by some libraries) asks for a subprocess."""
+    if not fresh_process and not env:
+        return in_process(train_cmd(run_dir, *overrides)[3:])
     return subprocess.run(
         train_cmd(run_dir, *overrides),
         capture_output=True,
@@ -71,6 +79,50 @@ def train(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedPro
         env=clean_env(**env),
         timeout=RUN_TIMEOUT_S,
     )
+
+
+def in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``megaspan ARGV`` through :func:`megaspan.cli.main` in this process, as the sweep worker
+    (``megaspan.sweep.worker``) runs a cell in production: the same parsing, validation, exit
+    codes, run directory and teardown, without the ~8 s of CPU a new interpreter spends importing
+    torch and Megatron-Core (most of this suite's time went there). ``stdout``/``stderr`` hold
+    everything written to ``sys.stdout``/``sys.stderr`` and to file descriptors 1 and 2 (C-level
+    output too); an exception that escapes ``main`` is printed as the interpreter would and gives
+    returncode 1. ``test_sweep_stages`` checks that such runs equal fresh processes."""
+    import tempfile
+    import traceback
+
+    from megaspan.cli import main
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = os.dup(1), os.dup(2)
+    saved_streams = sys.stdout, sys.stderr
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        streams = (open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False))  # noqa: SIM115
+        sys.stdout, sys.stderr = streams
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001 - what an uncaught exception does to a real process
+            traceback.print_exc()
+            code = 1
+        finally:
+            for stream in streams:
+                stream.close()  # flushes; the descriptors stay open (closefd=False)
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            os.close(saved_fds[0])
+            os.close(saved_fds[1])
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    return subprocess.CompletedProcess(["megaspan", *argv], code, stdout, stderr)
 
 
 def step_losses(stdout: str) -> dict[int, str]:

@@ -321,6 +321,7 @@ def test_megaspan_train_with_async_save_commits_and_exits(tmp_path):
         "schedule.warmup_steps=1",
         "checkpoint.save_interval=2",
         "checkpoint.async_save=true",
+        fresh_process=True,  # what is tested is the process's exit
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "writing in the background" in result.stdout

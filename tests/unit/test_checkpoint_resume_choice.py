@@ -34,8 +34,11 @@ from tests.helpers.models import tiny_overrides
 VOCAB = 128
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def objs():
+    """Per test, not per module: test_corrupt_run_dir_... trains in this process
+    (tests.helpers.cli.train), and a run's teardown destroys the groups a longer-lived model
+    would still hold."""
     from megaspan.config.loader import load_config
     from megaspan.runtime import init_process_group, setup_cpu
     from megaspan.training.setup import build_training_objects

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from megaspan.training import batches as B
-from tests.helpers.harness import run_distributed
 
 SEQ = 8
 
@@ -155,11 +154,12 @@ def _tp_pp_job(rank: int, world: int, layout: str) -> list[dict]:
 
 @pytest.mark.integration  # gloo ranks in subprocesses
 @pytest.mark.distributed
-def test_tp_rank0_reads_and_broadcasts_and_pp_stages_read_their_keys():
+def test_tp_rank0_reads_and_broadcasts_and_pp_stages_read_their_keys(dist_pool):
     direct = _drain(B.MicroBatches(Samples(), 4, 2, 0, 1, CPU, prefetch=0, keys=None))
-    tp0, tp1 = run_distributed(_tp_pp_job, 2, "tp2", timeout=240)
+    # One pair of ranks for both layouts (each rank start imports torch and Megatron: ~8 s of CPU).
+    tp0, tp1 = dist_pool(2).run(_tp_pp_job, "tp2", timeout=240)
     assert _same(tp0, direct) and _same(tp1, direct)
-    first, last = run_distributed(_tp_pp_job, 2, "pp2", timeout=240)
+    first, last = dist_pool(2).run(_tp_pp_job, "pp2", timeout=240)
     assert len(first) == len(last) == len(direct)
     assert first[0]["labels"] is None and first[0]["loss_mask"] is None
     assert torch.equal(first[0]["tokens"], direct[0]["tokens"])

@@ -139,9 +139,26 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in acc.Scalars(tag)}
 
 
-def run_plan(world: int, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
-    """``megaspan plan --world-size WORLD EXTRA... OVERRIDES...`` (fake process groups: never in-process)."""
-    cmd = [sys.executable, "-m", "megaspan", "plan", "--world-size", str(world), *extra, *overrides]
+def run_plan(
+    world: int, overrides: list[str], *extra: str, fresh_process: bool = False
+) -> subprocess.CompletedProcess:
+    """``megaspan plan --world-size WORLD EXTRA... OVERRIDES...``, in this process unless
+    ``fresh_process``. The plan joins *fake* process groups of the planned world size, which
+    cannot coexist with a live group: this process's world-size-1 group (the ``mcore`` tests')
+    is torn down first, as an in-process training run's teardown does; the next test that
+    needs it starts it again (``single_process_group`` is idempotent)."""
+    return run_plan_args("--world-size", str(world), *extra, *overrides, fresh_process=fresh_process)
+
+
+def run_plan_args(*args: str, fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """``megaspan plan ARGS...`` (see :func:`run_plan`)."""
+    argv = ["plan", *args]
+    if not fresh_process:
+        from megaspan.runtime import destroy
+
+        destroy()
+        return in_process(argv)
+    cmd = [sys.executable, "-m", "megaspan", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=PLAN_TIMEOUT_S)
 
 

@@ -1,7 +1,8 @@
 """``megaspan plan``: per-GPU parameter counts of large layouts, without GPUs.
 
-The plan runs in a subprocess (it creates fake process groups, which must not meet the test
-process's own gloo group). Its per-stage counts come from sharded meta-device builds; they must
+The plan runs in this process after the test's own gloo group is torn down (it creates fake
+process groups; tests.helpers.cli.run_plan), except the table test, which runs the real command
+in a new interpreter. Its per-stage counts come from sharded meta-device builds; they must
 add up to a model built for real at TP=PP=EP=1 in this process, and for the 512-GPU layout to an
 analytical count.
 """
@@ -16,7 +17,7 @@ from megaspan.config import load_config
 from tests.helpers.cli import PLAN_TIMEOUT_S, plan_json, run_plan
 from tests.helpers.models import SMALL_MOE
 
-# Every test here starts `megaspan` subprocesses that import torch and Megatron.
+# Every test here runs `megaspan plan` (torch, Megatron, fake process groups).
 pytestmark = pytest.mark.integration
 
 # 512 GPUs: TP8 x PP8 x EP8 (x DP8), a 64-layer, 64-expert model (~217B parameters).
@@ -91,8 +92,8 @@ def real_single_device_count(overrides: list[str]) -> int:
 )
 def test_shards_add_up_to_the_real_single_device_model(mcore, placement, layout, world):
     overrides = SMALL_MOE + [f"model.norm_placement={placement}"]
+    expected = real_single_device_count(overrides)  # first: the plan tears this process's group down
     plan = plan_json(world, overrides + layout)
-    expected = real_single_device_count(overrides)
     assert plan["sharded_total"] == expected
     assert plan["single_device_params"] == expected
     layers = sorted(n for stage in plan["stages"] for n in stage["shard"]["layers"])
@@ -133,7 +134,9 @@ def test_plan_512_gpus_in_seconds_adds_up():
 
 def test_plan_prints_a_table():
     result = run_plan(
-        8, SMALL_MOE + ["parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]
+        8,
+        SMALL_MOE + ["parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"],
+        fresh_process=True,  # the command as a user runs it, once in this module
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

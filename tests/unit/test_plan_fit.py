@@ -1,19 +1,18 @@
 """``megaspan plan`` against device memory: stages over the budget are marked and the smallest
-TP/PP/EP change that fits is suggested (the plan runs in a subprocess: it creates fake process
-groups, which must not meet the test process's own)."""
+TP/PP/EP change that fits is suggested (the plan runs in this process after its own process group
+is torn down: it creates fake ones; tests.helpers.cli.run_plan)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from megaspan.errors import ConfigError
 from megaspan.plan.fit import GIB, device_memory, parse_memory
+from tests.helpers.cli import run_plan_args
 
-# Every test here starts `megaspan` subprocesses that import torch and Megatron.
+# Every test here runs `megaspan plan` (torch and Megatron, fake process groups).
 pytestmark = pytest.mark.integration
 
 DENSE = [
@@ -29,12 +28,7 @@ DENSE = [
 
 
 def _plan(*args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "megaspan", "plan", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_plan_args("--json", *args)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

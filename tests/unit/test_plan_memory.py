@@ -24,13 +24,12 @@ flight (with sequence parallelism 34 * s*b*h / TP = 278528); the last stage adds
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-pytestmark = pytest.mark.integration  # `megaspan plan` in a fresh process (it makes fake groups)
+from tests.helpers.cli import run_plan
+
+pytestmark = pytest.mark.integration  # `megaspan plan`: torch, Megatron and fake process groups
 
 OVERRIDES = [
     "parallel.tensor_model_parallel_size=2",
@@ -53,22 +52,13 @@ LOGITS = 4 * 64 * 4 * 512 / 2
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
 def test_memory_estimate_matches_a_hand_computation(sequence_parallel):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "megaspan",
-        "plan",
-        "--world-size",
-        "8",
+    proc = run_plan(
+        8,
+        [*OVERRIDES, f"parallel.sequence_parallel={str(sequence_parallel).lower()}"],
         "--json",
         "--config",
         "tiny",
-        *OVERRIDES,
-        f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
-    ]
-    # ~10 s on an idle 2-core machine (torch + Megatron import, two meta builds).
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert (result["layout"]["tp"], result["layout"]["pp"], result["layout"]["dp"]) == (2, 2, 2)

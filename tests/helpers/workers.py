@@ -94,3 +94,33 @@ def pipeline_layout(placement, extra):
                 )
             )
     return layers
+
+
+def interleaved_ddp_wiring(rank, world_size):
+    """PP2 x VPP2 with ``parallel.overlap_grad_reduce``, built by megaspan's own path: per model
+    chunk, whether its DDP buckets its gradients, and whether the TransformerConfig hands the
+    interleaved schedule the list of every chunk's ``no_sync`` (in chunk order)."""
+    from megaspan.config.loader import load_config
+    from megaspan.training.setup import build_training_objects
+    from tests.helpers.models import tiny_overrides
+
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            extra=(
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+                "parallel.overlap_grad_reduce=true",
+            )
+        ),
+    )
+    initialize_model_parallel(cfg.parallel, seed=1234)
+    built = build_training_objects(cfg, VOCAB)
+    no_sync = built.config.no_sync_func
+    return dict(
+        chunks=len(built.model),
+        bucketed=[chunk.bucket_size is not None for chunk in built.model],
+        no_sync_is_the_chunk_list=isinstance(no_sync, list)
+        and len(no_sync) == len(built.model)
+        and all(f == chunk.no_sync for f, chunk in zip(no_sync, built.model)),
+    )

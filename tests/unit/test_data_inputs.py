@@ -16,7 +16,7 @@ from megaspan.data import DataError
 from megaspan.data.corpus import expand_inputs, read_parquet
 from megaspan.data.preprocess import preprocess_files
 from megaspan.data.tokenizer import load_tokenizer
-from tests.helpers.cli import clean_env
+from tests.helpers.cli import clean_env, in_process
 from tests.helpers.hf import train_tokenizer_json
 
 pa = pytest.importorskip("pyarrow")
@@ -107,6 +107,8 @@ def test_jsonl_zst_reads_or_says_what_is_missing(tmp_path, tok):
 
 
 def _offline_preprocess(tmp_path, *args):
+    """``python -m megaspan preprocess`` offline, in a new interpreter: datasets and
+    huggingface_hub read the HF_* variables when they are imported, not when they load."""
     env = clean_env(
         HF_DATASETS_OFFLINE="1",
         HF_HUB_OFFLINE="1",
@@ -132,17 +134,17 @@ def test_hf_dataset_saved_to_disk_reloads_offline_identical_to_jsonl(tmp_path, t
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS), encoding="utf-8")
     preprocess_files([tmp_path / "c.jsonl"], tok, tmp_path / "ref", workers=1, progress=False)
     tokenizer = ["--tokenizer", str(tok.path)]
-    done = _offline_preprocess(
-        tmp_path,
-        *tokenizer,
-        "--hf-dataset",
-        f"{tmp_path / 'saved'}::train",
-        "--output-prefix",
-        str(tmp_path / "hf"),
+    # A save_to_disk directory is read by datasets.load_from_disk: no Hub, no cache, so no HF_*
+    # variable plays a part and it runs in this process (which imported datasets above).
+    local = ["preprocess", "--quiet", "--workers", "1", *tokenizer]
+    done = in_process(
+        [*local, "--hf-dataset", f"{tmp_path / 'saved'}::train", "--output-prefix", str(tmp_path / "hf")]
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{len(DOCS)} documents" in done.stdout
     assert _same_bytes(tmp_path / "ref.x", tmp_path / "hf.x")
+    # A Hub name goes to load_dataset, which stays off the network (and the hint names
+    # HF_DATASETS_OFFLINE) only when datasets was imported offline: a process of its own.
     missing = _offline_preprocess(
         tmp_path,
         *tokenizer,
@@ -157,13 +159,8 @@ def test_hf_dataset_saved_to_disk_reloads_offline_identical_to_jsonl(tmp_path, t
         err[0].startswith("megaspan: error: --hf-dataset 'nobody/no-such-dataset:default:train'")
         and "HF_DATASETS_OFFLINE" in err[0]
     )
-    no_split = _offline_preprocess(
-        tmp_path,
-        *tokenizer,
-        "--hf-dataset",
-        f"{tmp_path / 'saved'}::test",
-        "--output-prefix",
-        str(tmp_path / "m"),
+    no_split = in_process(
+        [*local, "--hf-dataset", f"{tmp_path / 'saved'}::test", "--output-prefix", str(tmp_path / "m")]
     )
     assert no_split.returncode == 2 and "no split 'test' (splits: train, validation)" in no_split.stderr
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m.*"))
@@ -205,6 +202,7 @@ def test_killed_preprocess_leaves_no_pair_training_would_accept_and_a_rerun_comp
     assert not (out / "x.bin").exists() and not (out / "x.idx").exists() and not is_complete(out / "x")
     with pytest.raises(DataError, match="not found; create it with"):
         _token_count(str(out / "x"))
-    rerun = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+    # The rerun is an ordinary run (the killed process above is the one under test): in this process.
+    rerun = in_process(cmd[3:])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert is_complete(out / "x") and _token_count(str(out / "x")) > 0

@@ -242,16 +242,14 @@ def test_task_names_are_checked_against_the_harness(tmp_path):
     ],
     ids=["unknown-task", "interval-0"],
 )
-def test_bad_settings_fail_in_one_line_before_anything_is_written(tmp_path, overrides, line):
+def test_bad_settings_fail_in_one_line_before_anything_is_written(tmp_path, monkeypatch, overrides, line):
     run, cache = tmp_path / "run", tmp_path / "cache"
-    result = cli.train(
-        run,
-        *overrides,
-        MEGASPAN_CACHE_DIR=str(cache),
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "hf"),
-    )
+    # In this process (tests.helpers.cli.train without env): both settings are refused by the
+    # config check or lm-eval's index of task names, before any dataset or Hub access (so no HF_*
+    # variable plays a part) and before train() builds or tears down a process group (so `runs`
+    # and _fit are unaffected). MEGASPAN_CACHE_DIR is read when the cache is first used.
+    monkeypatch.setenv("MEGASPAN_CACHE_DIR", str(cache))
+    result = cli.train(run, *overrides)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result.stderr[-3000:]
     assert not run.exists()
@@ -263,6 +261,8 @@ def test_megaspan_train_scores_in_the_loop(tmp_path, tiny_corpus):
     tokenizer.model setting) scores the tasks at each interval and at the end."""
     tasks = write_tasks(tmp_path, TEXT)
     run = tmp_path / "run"
+    # A real `megaspan train` process, the one this module keeps: the harness builds the tasks'
+    # JSON datasets under HF_DATASETS_CACHE, which datasets reads when it is imported.
     result = cli.train(
         run,
         "training.steps=3",

@@ -22,7 +22,7 @@ pytest.importorskip("lm_eval")
 
 from megaspan.evaluate.harness import MegaspanLM, evaluate_tasks  # noqa: E402
 from megaspan.evaluate.model import load_model  # noqa: E402
-from tests.helpers.cli import clean_env  # noqa: E402
+from tests.helpers.cli import clean_env, in_process  # noqa: E402
 from tests.helpers.evaluate import QUESTIONS, TEXT, save_tiny, write_tasks  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -136,6 +136,9 @@ def test_local_tasks_through_simple_evaluate(mcore, tiny_corpus, tmp_path, offli
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -m megaspan eval ARGS`` in a new interpreter with ``env``: datasets and
+    huggingface_hub read HF_DATASETS_OFFLINE, HF_HUB_OFFLINE and HF_DATASETS_CACHE when they are
+    imported, which this process may have done already with other values."""
     return subprocess.run(
         [sys.executable, "-m", "megaspan", "eval", *args],
         capture_output=True,
@@ -167,6 +170,10 @@ def test_cli_writes_json_and_the_run_summary_and_refuses_unknown_tasks(mcore, ti
     assert (
         summary["eval"]["megaspan_test_mc"]["acc,none"] == scores["results"]["megaspan_test_mc"]["acc,none"]
     )
-    bad = _cli("--checkpoint", str(run), "--tasks", "no_such_task_xyz", "--include-path", str(tasks), **env)
+    # In this process: the task name is checked against lm-eval's index of the local YAMLs before
+    # any dataset, Hub or model access, so the HF variables above play no part in this refusal.
+    bad = in_process(
+        ["eval", "--checkpoint", str(run), "--tasks", "no_such_task_xyz", "--include-path", str(tasks)]
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-3000:]
     assert "unknown lm-eval task no_such_task_xyz" in bad.stderr

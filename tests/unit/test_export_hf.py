@@ -171,6 +171,9 @@ def test_llama_format_refuses_moe_in_one_line(mcore, tiny_corpus, tmp_path):
     tokenizer, _ = tiny_corpus
     _, path, _ = save_tiny(tmp_path / "ckpt", tokenizer, "pre", moe=True)
     out = tmp_path / "llama"
+    # A real ``python -m megaspan`` process, the module's one `export` run through the entry point
+    # (test_moe_routing_... calls main in this process): its whole stderr, imports included, must
+    # be the one error line.
     result = subprocess.run(
         [
             sys.executable,

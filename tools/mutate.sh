@@ -39,7 +39,7 @@ declare -A TESTS=(
     [checkpoint]="tests/unit/test_checkpoint_*.py tests/unit/test_train_units.py"
     [guard]="tests/unit/test_train_guard.py"
     [report]="tests/unit/test_report*.py tests/unit/test_evidence*.py"
-    [schedule]="tests/unit/test_lr_schedule.py tests/unit/test_train_units.py tests/unit/test_optimizer_precision.py tests/unit/test_train_guard.py"
+    [schedule]="tests/unit/test_lr_schedule.py tests/unit/test_train_units.py tests/unit/test_optimizer_precision.py tests/unit/test_train_guard.py tests/distributed/test_interleaved_ddp.py"
     [data]="tests/unit/test_batches.py tests/unit/test_loss_mask.py"
 )
 

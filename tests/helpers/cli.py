@@ -83,41 +83,20 @@ def train(
 
 def in_process(argv: list[str]) -> subprocess.CompletedProcess:
     """``megaspan ARGV`` through :func:`megaspan.cli.main` in this process, as the sweep worker
-    (``megaspan.sweep.worker``) runs a cell in production: the same parsing, validation, exit
-    codes, run directory and teardown, without the ~8 s of CPU a new interpreter spends importing
-    torch and Megatron-Core (most of this suite's time went there). ``stdout``/``stderr`` hold
-    everything written to ``sys.stdout``/``sys.stderr`` and to file descriptors 1 and 2 (C-level
-    output too); an exception that escapes ``main`` is printed as the interpreter would and gives
-    returncode 1. ``test_sweep_stages`` checks that such runs equal fresh processes."""
+    runs a cell in production (:func:`megaspan.sweep.worker.run_captured`): the same parsing,
+    validation, exit codes, run directory and teardown, without the ~8 s of CPU a new interpreter
+    spends importing torch and Megatron-Core (most of this suite's time went there). ``stdout`` /
+    ``stderr`` hold everything written to ``sys.stdout``/``sys.stderr`` and to file descriptors 1
+    and 2 (C-level output too); an exception that escapes ``main`` is printed as the interpreter
+    would and gives returncode 1. ``test_sweep_stages`` checks that such runs equal fresh
+    processes."""
     import tempfile
-    import traceback
 
     from megaspan.cli import main
+    from megaspan.sweep.worker import run_captured
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_fds = os.dup(1), os.dup(2)
-    saved_streams = sys.stdout, sys.stderr
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        os.dup2(out.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        streams = (open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False))  # noqa: SIM115
-        sys.stdout, sys.stderr = streams
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 1
-        except Exception:  # noqa: BLE001 - what an uncaught exception does to a real process
-            traceback.print_exc()
-            code = 1
-        finally:
-            for stream in streams:
-                stream.close()  # flushes; the descriptors stay open (closefd=False)
-            sys.stdout, sys.stderr = saved_streams
-            os.dup2(saved_fds[0], 1)
-            os.dup2(saved_fds[1], 2)
-            os.close(saved_fds[0])
-            os.close(saved_fds[1])
+        code = run_captured(main, argv, out.fileno(), err.fileno())
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")

@@ -30,17 +30,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def train_argv(run_dir: Path, *overrides: str) -> list[str]:
+    """The arguments of ``megaspan`` for a tiny run in ``run_dir``."""
+    return ["train", "--config", "tiny", f"training.run_dir={run_dir}", *overrides]
+
+
 def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megaspan",
-        "train",
-        "--config",
-        "tiny",
-        f"training.run_dir={run_dir}",
-        *overrides,
-    ]
+    return [sys.executable, "-m", "megaspan", *train_argv(run_dir, *overrides)]
 
 
 def long_torchrun(run_dir: Path, save_interval: int) -> tuple[list[str], dict[str, str]]:
@@ -71,7 +67,7 @@ def train(
     resume that must not lean on anything the first run left in memory, exit-time behaviour) or
     ``env`` (read at import time by some libraries) asks for a subprocess."""
     if not fresh_process and not env:
-        return in_process(train_cmd(run_dir, *overrides)[3:])
+        return in_process(train_argv(run_dir, *overrides))
     return subprocess.run(
         train_cmd(run_dir, *overrides),
         capture_output=True,
